@@ -1,0 +1,166 @@
+"""Each ablation checked against an explicit edit of the model, on the real embedded weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ablate.ablations import Ablation, Architecture, ablated, decoder_layers, load_o_proj_weights
+
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+@pytest.fixture()
+def batch(tokenizer):
+    return tokenizer([PROMPT], return_tensors="pt")
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def greedy(model, batch, n: int = 12) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=n, do_sample=False, use_cache=True)
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def without_layer(model, layer: int):
+    pruned = copy.deepcopy(model)
+    layers = decoder_layers(pruned)
+    del layers[layer]
+    for index, block in enumerate(layers):
+        block.self_attn.layer_idx = index
+    pruned.config.num_hidden_layers -= 1
+    if getattr(pruned.config, "layer_types", None):
+        pruned.config.layer_types = pruned.config.layer_types[:-1]
+    return pruned
+
+
+@pytest.mark.parametrize("layer", [0, 13, 29])
+def test_layer_skip_equals_deleted_layer(model, batch, layer):
+    pruned = without_layer(model, layer)
+    with ablated(model, Ablation.parse(f"layer{layer}")):
+        hooked_logits = logits(model, batch)
+        hooked_tokens = greedy(model, batch)
+    assert torch.equal(hooked_logits, logits(pruned, batch))
+    assert torch.equal(hooked_tokens, greedy(pruned, batch))
+    assert not torch.equal(hooked_logits, logits(model, batch)), "the skip changed nothing"
+
+
+def test_head_silencing_equals_zeroed_o_proj_columns(model, batch):
+    arch = Architecture.from_config(model.config)
+    layer, head = 7, 4
+    edited = copy.deepcopy(model)
+    o_proj = decoder_layers(edited)[layer].self_attn.o_proj
+    with torch.no_grad():
+        o_proj.weight[:, head * arch.head_dim : (head + 1) * arch.head_dim] = 0
+    with ablated(model, Ablation.parse(f"head{layer}.{head}")):
+        hooked = logits(model, batch)
+    torch.testing.assert_close(hooked, logits(edited, batch), rtol=0, atol=1e-5)
+    assert (hooked - logits(model, batch)).abs().max() > 1e-3
+
+
+def test_gqa_single_head_touches_only_its_head(model, batch):
+    arch = Architecture.from_config(model.config)
+    assert arch.num_kv_heads < arch.num_heads, "the embedded model must have real GQA"
+    layer, head = 3, 1  # head 1 shares KV head 0 with heads 0 and 2
+    captured = {}
+    o_proj = decoder_layers(model)[layer].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
+    try:
+        logits(model, batch)
+        plain = captured.pop("x")
+        with ablated(model, Ablation.parse(f"head{layer}.{head}")):
+            logits(model, batch)
+    finally:
+        handle.remove()
+    # The pre-hook we registered first sees the input before the ablation's own pre-hook.
+    seen = captured["x"].view(*plain.shape[:-1], arch.num_heads, arch.head_dim)
+    assert torch.equal(seen, plain.view_as(seen))
+    with ablated(model, Ablation.parse(f"head{layer}.{head}")):
+        hooked_in = {}
+        h2 = o_proj.register_forward_hook(lambda m, a, o: hooked_in.setdefault("x", a[0].clone()))
+        try:
+            logits(model, batch)
+        finally:
+            h2.remove()
+    heads = hooked_in["x"].view_as(seen)
+    assert torch.count_nonzero(heads[..., head, :]) == 0
+    others = [h for h in range(arch.num_heads) if h != head]
+    assert torch.equal(heads[..., others, :], plain.view_as(seen)[..., others, :])
+
+
+def test_kv_group_silences_the_whole_group(model, batch):
+    arch = Architecture.from_config(model.config)
+    layer, group = 5, 2
+    edited = copy.deepcopy(model)
+    o_proj = decoder_layers(edited)[layer].self_attn.o_proj
+    heads = range(group * arch.heads_per_group, (group + 1) * arch.heads_per_group)
+    with torch.no_grad():
+        o_proj.weight[:, heads.start * arch.head_dim : heads.stop * arch.head_dim] = 0
+    with ablated(model, Ablation.parse(f"kvgroup{layer}.{group}")):
+        hooked = logits(model, batch)
+    torch.testing.assert_close(hooked, logits(edited, batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ablation_id", ["oproj4_from_demo", "oprojcum4_from_demo"])
+def test_o_proj_replacement_equals_edited_weights(model, batch, perturbed_dir, ablation_id):
+    ablation = Ablation.parse(ablation_id)
+    source = load_o_proj_weights(perturbed_dir, ablation.replaced_layers)
+    assert sorted(source) == list(ablation.replaced_layers)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, weight in source.items():
+            decoder_layers(edited)[layer].self_attn.o_proj.weight.copy_(weight)
+    with ablated(model, ablation, source):
+        hooked = logits(model, batch)
+    assert torch.equal(hooked, logits(edited, batch))
+    assert not torch.equal(hooked, logits(model, batch))
+
+
+@pytest.mark.parametrize(
+    "ablation_id", ["layer2", "head2.3", "kvgroup2.1", "oproj2_from_demo", "oprojcum2_from_demo"]
+)
+def test_ablation_is_removed_cleanly(model, batch, perturbed_dir, ablation_id):
+    ablation = Ablation.parse(ablation_id)
+    source = load_o_proj_weights(perturbed_dir, ablation.replaced_layers)
+    before_state, before_logits = state_snapshot(model), logits(model, batch)
+    with ablated(model, ablation, source):
+        logits(model, batch)
+    after = state_snapshot(model)
+    assert all(torch.equal(before_state[k], after[k]) for k in before_state)
+    assert torch.equal(before_logits, logits(model, batch))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_removed_even_when_evaluation_fails(model):
+    with pytest.raises(RuntimeError), ablated(model, Ablation.parse("layer1")):
+        raise RuntimeError("evaluation crashed")
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("ablation_id", "message"),
+    [
+        ("layer30", "layer 30 out of range 0..29"),
+        ("head3.9", "head 9 out of range 0..8"),
+        ("kvgroup3.3", "KV group 3 out of range 0..2"),
+    ],
+)
+def test_out_of_range_units_are_rejected(model, ablation_id, message):
+    with pytest.raises(ValueError, match=message), ablated(model, Ablation.parse(ablation_id)):
+        pass
+
+
+def test_ablation_ids_round_trip():
+    for ablation_id in ["base", "layer12", "head35.4", "kvgroup8.1", "oproj3_from_a_b", "oprojcum0_from_x"]:
+        assert Ablation.parse(ablation_id).id == ablation_id
+    with pytest.raises(ValueError, match="does not match"):
+        Ablation.parse("layer-1")
