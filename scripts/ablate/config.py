@@ -1,0 +1,217 @@
+"""Checks and expansion of the workflow config beyond its JSON schema.
+
+The schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks
+what spans keys (a series naming a model that exists, a head in range for that model, a metric its
+task's protocol produces) and expands each figure into the evaluation runs it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_METRICS = {
+    "loglikelihood": ("acc", "acc_norm", "acc_ce"),
+    "generate_until": ("exact_match",),
+}
+ABLATION_PREFIX = {
+    "layer": "layer",
+    "head": "head",
+    "kv_group": "kvgroup",
+    "oproj": "oproj",
+    "oproj_cumulative": "oprojcum",
+}
+
+
+class ConfigError(ValueError):
+    """A config value the workflow cannot run; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One plotted point: a series' model and task under one ablation, and its baseline."""
+
+    figure: str
+    panel: int
+    series: str
+    model: str
+    task: str
+    metric: str
+    kind: str
+    layer: int  # the ablated layer (oproj_cumulative: the last replaced one)
+    head: int | None  # head or KV group within ``layer``, for head kinds
+    ablation: str  # ablation id, the results folder
+
+
+def schema_error(config: dict[str, Any], schema: dict[str, Any]) -> str | None:
+    """The most relevant JSON-schema violation as one line: key path, problem, allowed values."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return None
+    key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+    allowed = ""
+    if error.validator == "enum":
+        allowed = f" (allowed: {_allowed(error.validator_value)})"
+    elif error.validator == "additionalProperties":
+        allowed = f" (allowed: {_allowed(error.schema.get('properties', {}))})"
+    return f"{key}: {error.message}{allowed}"
+
+
+def _allowed(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def panel_series(figure: dict[str, Any]) -> Iterator[tuple[int, dict, dict]]:
+    """(panel index, panel, series) for every series drawn in every panel."""
+    for index, panel in enumerate(figure["panels"]):
+        for series in panel.get("series") or figure.get("series") or []:
+            yield index, panel, series
+
+
+def series_ablation(figure: dict[str, Any], series: dict[str, Any]) -> dict[str, Any]:
+    return series.get("ablation") or figure["ablation"]
+
+
+def units(ablation: dict[str, Any], model: dict[str, Any]) -> list[tuple[int, int | None, str]]:
+    """(layer, head or None, ablation id) for every unit an ablation spec sweeps on ``model``."""
+    kind = ablation["kind"]
+    layers = ablation.get("layers", "all")
+    layers = range(model["num_layers"]) if layers == "all" else layers
+    prefix = ABLATION_PREFIX[kind]
+    if kind in ("head", "kv_group"):
+        count = model["num_heads"] if kind == "head" else model["num_kv_heads"]
+        heads = ablation.get("heads", "all")
+        heads = range(count) if heads == "all" else heads
+        return [(layer, head, f"{prefix}{layer}.{head}") for layer in layers for head in heads]
+    if kind in ("oproj", "oproj_cumulative"):
+        return [(layer, None, f"{prefix}{layer}_from_{ablation['source']}") for layer in layers]
+    return [(layer, None, f"{prefix}{layer}") for layer in layers]
+
+
+def figure_runs(config: dict[str, Any], figure_id: str) -> list[Run]:
+    figure = config["figures"][figure_id]
+    runs = []
+    for index, panel, series in panel_series(figure):
+        ablation = series_ablation(figure, series)
+        model = config["models"][series["model"]]
+        for layer, head, ablation_id in units(ablation, model):
+            runs.append(
+                Run(
+                    figure=figure_id,
+                    panel=index,
+                    series=series["label"],
+                    model=series["model"],
+                    task=series["task"],
+                    metric=panel["metric"],
+                    kind=ablation["kind"],
+                    layer=layer,
+                    head=head,
+                    ablation=ablation_id,
+                )
+            )
+    return runs
+
+
+def figure_evaluations(config: dict[str, Any], figure_id: str) -> list[tuple[str, str, str]]:
+    """Sorted (model, task, ablation id) a figure needs, baselines ('base') included."""
+    needed = set()
+    for run in figure_runs(config, figure_id):
+        needed.add((run.model, run.task, run.ablation))
+        needed.add((run.model, run.task, "base"))
+    return sorted(needed)
+
+
+def o_proj_source(ablation_id: str) -> str | None:
+    return ablation_id.split("_from_", 1)[1] if "_from_" in ablation_id else None
+
+
+def _check_range(key: str, values, count: int, what: str) -> None:
+    if values == "all":
+        return
+    bad = [v for v in values if not 0 <= v < count]
+    if bad:
+        raise ConfigError(f"{key}: {what} {bad} out of range (allowed: 0..{count - 1})")
+
+
+def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> None:
+    model = config["models"][model_id]
+    kind = ablation["kind"]
+    _check_range(f"{key}.layers", ablation.get("layers", "all"), model["num_layers"], "layers")
+    if kind == "head":
+        _check_range(f"{key}.heads", ablation.get("heads", "all"), model["num_heads"], "heads")
+    if kind == "kv_group":
+        if model["num_kv_heads"] >= model["num_heads"]:
+            raise ConfigError(
+                f"{key}.kind: kv_group needs grouped-query attention, but model {model_id} has "
+                f"{model['num_heads']} query and {model['num_kv_heads']} KV heads "
+                "(allowed here: layer, head, oproj, oproj_cumulative)"
+            )
+        _check_range(
+            f"{key}.heads", ablation.get("heads", "all"), model["num_kv_heads"], "KV groups"
+        )
+    if kind in ("oproj", "oproj_cumulative"):
+        source = ablation.get("source")
+        if source not in config["models"]:
+            raise ConfigError(
+                f"{key}.source: {source!r} is not a model id (allowed: {_allowed(config['models'])})"
+            )
+        shape = ("num_layers", "num_heads", "num_kv_heads")
+        if any(config["models"][source][k] != model[k] for k in shape):
+            raise ConfigError(
+                f"{key}.source: o_proj replacement needs equal shapes, but {source} and {model_id} "
+                f"differ in {_allowed(k for k in shape if config['models'][source][k] != model[k])}"
+            )
+    elif ablation.get("source") is not None:
+        raise ConfigError(f"{key}.source: only oproj and oproj_cumulative take a source model")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise ConfigError on the first cross-key problem, naming its key path."""
+    models, tasks = config["models"], config["tasks"]
+    for model_id, model in models.items():
+        if model["source"] == "hub" and not model.get("repo_id"):
+            raise ConfigError(f"models.{model_id}.repo_id: required when source is hub")
+    for task_id, task in tasks.items():
+        if task.get("enable_thinking") is not None and not task.get("chat_template"):
+            raise ConfigError(
+                f"tasks.{task_id}.enable_thinking: the switch lives in the chat template; "
+                "set chat_template: true or enable_thinking: null"
+            )
+    for figure_id, figure in config["figures"].items():
+        for index, panel, series in panel_series(figure):
+            key = f"figures.{figure_id}.panels[{index}]"
+            if series["model"] not in models:
+                raise ConfigError(
+                    f"{key}.series.{series['label']}.model: unknown model {series['model']!r} "
+                    f"(allowed: {_allowed(models)})"
+                )
+            if series["task"] not in tasks:
+                raise ConfigError(
+                    f"{key}.series.{series['label']}.task: unknown task {series['task']!r} "
+                    f"(allowed: {_allowed(tasks)})"
+                )
+            task, model = tasks[series["task"]], models[series["model"]]
+            metric = panel["metric"].split(",")[0]
+            allowed = PROTOCOL_METRICS[task["protocol"]]
+            if metric not in allowed:
+                raise ConfigError(
+                    f"{key}.metric: {panel['metric']!r} is not produced by protocol "
+                    f"{task['protocol']} of task {series['task']} (allowed: {_allowed(allowed)})"
+                )
+            if task.get("enable_thinking") is not None and not model.get("has_thinking"):
+                raise ConfigError(
+                    f"tasks.{series['task']}.enable_thinking: model {series['model']} has no "
+                    "thinking switch in its chat template (allowed: null; or set "
+                    f"models.{series['model']}.has_thinking: true)"
+                )
+            _check_ablation(
+                f"{key}.ablation", series_ablation(figure, series), series["model"], config
+            )
+        if not any(True for _ in panel_series(figure)):
+            raise ConfigError(
+                f"figures.{figure_id}: no series (set series on the figure or its panels)"
+            )

@@ -1,0 +1,190 @@
+"""Evaluate one model under a sequence of ablations with lm-eval, loading the model once.
+
+The model is wrapped once in lm-eval's ``HFLM``; each ablation is applied as a hook or weight swap
+around ``simple_evaluate`` and removed afterwards. Results are written atomically (temp file, then
+rename) so an interrupted job never leaves a file a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.io import write_atomically
+from ablate.metrics import acc_ce, hit_budget, mean_and_stderr
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one evaluation needs, as plain data from the workflow config."""
+
+    model_dir: Path
+    model: dict[str, Any]  # config: models.<id>
+    task: dict[str, Any]  # config: tasks.<id>
+    data_dir: str
+    seed: int = 1234
+    source_dir: Path | None = None  # o_proj replacement source checkpoint
+
+
+def load_model(model_dir: Path, spec: dict[str, Any]):
+    """Load a checkpoint with the dtype, device placement and attention kernel the config selects."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.get("dtype", "float32")]}
+    if spec.get("attn_implementation"):
+        kwargs["attn_implementation"] = spec["attn_implementation"]  # e.g. flash_attention_2
+    device = spec.get("device", "cpu")
+    if device == "auto":
+        kwargs["device_map"] = "auto"  # shard over every visible GPU
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    if device not in ("cpu", "auto"):
+        model.to(device)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def build_lm(model, tokenizer, task: dict[str, Any]):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=task.get("batch_size", 16),
+        enable_thinking=task.get("enable_thinking"),
+        think_end_token=task.get("think_end_token"),
+        max_length=task.get("max_length"),
+    )
+
+
+def task_manager(task: dict[str, Any], data_dir: str):
+    """Our task folder only for local tasks (indexing lm-eval's ~10k files costs seconds per job).
+
+    ``metadata`` reaches every task's ``custom_dataset`` loader: it carries ``data_dir``.
+    """
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"data_dir": data_dir}
+    if task.get("local", True):
+        return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+
+
+def run_lm_eval(lm, job: Job) -> dict[str, Any]:
+    import lm_eval
+
+    task = job.task
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task["lm_eval_task"]],
+        num_fewshot=task.get("num_fewshot"),
+        limit=task.get("limit"),
+        gen_kwargs=task.get("gen_kwargs"),
+        apply_chat_template=task.get("chat_template", False),
+        fewshot_as_multiturn=task.get("chat_template", False),
+        task_manager=task_manager(task, job.data_dir),
+        log_samples=True,
+        bootstrap_iters=1000,  # mean metrics get lm-eval's closed-form stderr
+        random_seed=job.seed,
+        numpy_random_seed=job.seed,
+        torch_random_seed=job.seed,
+        fewshot_random_seed=job.seed,
+    )
+
+
+def continuation_tokens(lm, context: str, continuation: str) -> int:
+    """Tokens lm-eval scores for ``continuation`` after ``context`` (its own encoding)."""
+    return len(lm._encode_pair(context, continuation)[1])
+
+
+def add_sample_metrics(lm, output: dict[str, Any], task: dict[str, Any]) -> list[dict]:
+    """Add acc_ce (multiple choice) or budget hits (generation) to every sample and the totals."""
+    samples = [dict(s, task=name) for name, per_task in output["samples"].items() for s in per_task]
+    results = output["results"][task["lm_eval_task"]]
+    if samples and isinstance(samples[0]["resps"][0][0], (list, tuple)):  # log-likelihood
+        for sample in samples:
+            lls = [resp[0][0] for resp in sample["resps"]]
+            counts = [continuation_tokens(lm, *args) for args in sample["arguments"]]
+            sample["acc_ce"] = acc_ce(lls, counts, int(sample["target"]))
+        mean, stderr = mean_and_stderr([s["acc_ce"] for s in samples])
+        results["acc_ce,none"], results["acc_ce_stderr,none"] = mean, stderr
+    else:
+        budget = (task.get("gen_kwargs") or {}).get("max_gen_toks", lm.max_gen_toks)
+        for sample in samples:
+            generated = len(lm.tok_encode(sample["resps"][0][0]))
+            sample["hit_budget"] = hit_budget(generated, budget)
+        by_doc = {s["doc_id"]: s["hit_budget"] for s in samples}
+        results["hit_budget,none"] = sum(by_doc.values())
+    return samples
+
+
+def provenance(job: Job, ablation: Ablation, output: dict[str, Any]) -> dict[str, Any]:
+    import lm_eval
+    import transformers
+
+    source = job.model_dir / "download.json"
+    return {
+        "model": job.model.get("repo_id", "embedded"),
+        "model_revision": json.loads(source.read_text()).get("commit") if source.exists() else None,
+        "ablation": ablation.id,
+        "task": job.task["lm_eval_task"],
+        "task_versions": output.get("versions", {}),
+        "num_fewshot": job.task.get("num_fewshot"),
+        "limit": job.task.get("limit"),
+        "dtype": job.model.get("dtype", "float32"),
+        "device": job.model.get("device", "cpu"),
+        "seed": job.seed,
+        "packages": {
+            "lm_eval": lm_eval.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+SAMPLE_FIELDS = ("task", "doc_id", "filter", "target", "filtered_resps", "doc_hash", "prompt_hash")
+
+
+def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], meta: dict) -> None:
+    """Samples first, results.json last: results.json existing means the unit is complete."""
+    lines = []
+    for sample in samples:
+        kept = {k: sample[k] for k in SAMPLE_FIELDS if k in sample}
+        kept.update({m: sample[m] for m in sample["metrics"]})
+        kept.update({k: sample[k] for k in ("acc_ce", "hit_budget") if k in sample})
+        lines.append(json.dumps(kept, default=str))
+    write_atomically(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+    record = {
+        "results": output["results"],
+        "n_samples": output.get("n-samples", {}),
+        "configs": output.get("configs", {}),
+        "provenance": meta,
+    }
+    write_atomically(out_dir / "results.json", json.dumps(record, indent=1, default=str))
+
+
+def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
+    """Evaluate ``job`` once per (ablation, output folder), with one model load."""
+    ablations = list(ablations)
+    model, tokenizer = load_model(job.model_dir, job.model)
+    lm = build_lm(model, tokenizer, job.task)
+    replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
+    source = load_o_proj_weights(job.source_dir, replaced) if replaced else None
+    for ablation, out_dir in ablations:
+        start = time.perf_counter()
+        with ablated(model, ablation, source):
+            output = run_lm_eval(lm, job)
+        samples = add_sample_metrics(lm, output, job.task)
+        meta = provenance(job, ablation, output)
+        meta["eval_seconds"] = round(time.perf_counter() - start, 2)
+        write_result(Path(out_dir), output, samples, meta)

@@ -1,0 +1,58 @@
+"""Figures as the paper draws them: per panel, the ablated score per unit (line, with the
+unablated baseline dashed) above Δ = ablated − baseline (bars; negative = the unit mattered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
+
+
+def unit_axis_label(kind: str) -> str:
+    return {"head": "head", "kv_group": "KV group"}.get(kind, "layer")
+
+
+def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_paths: list[Path]):
+    # x is the head for head sweeps (one layer per panel), else the layer.
+    frame = frame.assign(x=frame["head"].fillna(frame["layer"]).astype(int))
+    panels = sorted(frame["panel"].unique())
+    multi = frame["series"].nunique() > 1
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(
+        2, len(panels), figsize=(4.2 * len(panels), 4.6), sharex="col", squeeze=False,
+        gridspec_kw={"height_ratios": [3, 2]},
+    )  # fmt: skip
+    for column, panel in enumerate(panels):
+        data = frame[frame["panel"] == panel]
+        top, bottom = axes[0, column], axes[1, column]
+        palette = None if multi else [SCORE_COLOR]
+        sns.lineplot(
+            data=data, x="x", y="score", hue="series", marker="o", markersize=3,
+            palette=palette, ax=top, legend=multi and column == 0,
+        )  # fmt: skip
+        for _, base in data.groupby("series", sort=False)["baseline"].first().items():
+            top.axhline(base, color="grey", linestyle="--", linewidth=0.8)
+        bar_palette = None if multi else [DELTA_COLOR]
+        sns.barplot(
+            data=data, x="x", y="delta", hue="series", palette=bar_palette, ax=bottom,
+            native_scale=True, legend=False,
+        )  # fmt: skip
+        bottom.axhline(0, color="black", linewidth=0.6)
+        metric = data["metric"].iloc[0]
+        top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=metric)
+        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {metric}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    for path in out_paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(
+            path, dpi=150, metadata={"Software": None} if str(path).endswith(".png") else None
+        )
+    plt.close(fig)

@@ -1,0 +1,12 @@
+"""Rule download_model: fetch (or convert) one model checkpoint."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
+from ablate.download import download_model
+from ablate.rule import rule_log
+
+with rule_log(snakemake.log[0]):  # noqa: F821
+    out = Path(snakemake.output.marker)  # noqa: F821
+    download_model(snakemake.wildcards.model, snakemake.params.spec, out.parent)  # noqa: F821

@@ -1,0 +1,155 @@
+"""Bad configs fail before any job runs, with the key path and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablate.config import ConfigError, check_config, figure_evaluations, figure_runs
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
+DEMO = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
+
+
+def dry_run(config: dict, tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", *targets, "--configfile", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_both_configs_pass_the_checks():
+    check_config(PAPER)
+    check_config(DEMO)
+    assert sorted(PAPER["figures"]) == sorted(DEMO["figures"]) == sorted(f"fig{n}" for n in range(1, 23))
+
+
+@pytest.mark.parametrize(
+    ("figure", "evaluations"),
+    [
+        ("fig1", 3 * 33),  # 3 protocols x (32 layers + baseline)
+        ("fig8", 33),  # 32 heads of layer 8 + baseline
+        ("fig10", 2 * 37 + 33),  # Qwen3 thinking on/off (36 layers) + LLaMA-3.1 (32)
+        ("fig19", 2 * 33),  # o_proj per layer on LLaMA + layer pruning of R1-Distill
+        ("fig22", 33),
+    ],
+)
+def test_paper_figures_plan_the_right_evaluations(figure, evaluations):
+    assert len(figure_evaluations(PAPER, figure)) == evaluations
+
+
+def test_o_proj_runs_compare_against_the_target_model():
+    runs = figure_runs(PAPER, "fig21")
+    assert {run.model for run in runs} == {"r1_distill_llama8b"}
+    assert runs[5].ablation == "oprojcum5_from_llama31_8b"
+    assert ("r1_distill_llama8b", "gsm8k_cot_reasoning", "base") in figure_evaluations(PAPER, "fig21")
+
+
+def broken(edit) -> dict:
+    config = copy.deepcopy(DEMO)
+    edit(config)
+    return config
+
+
+CASES = {
+    "unknown model": (
+        lambda c: c["figures"]["fig5"]["series"][0].update(model="gpt5"),
+        r"figures.fig5.panels\[0\].series.SmolLM2-135M.model: unknown model 'gpt5' \(allowed: smollm2, smollm2_noisy_oproj\)",
+    ),
+    "unknown task": (
+        lambda c: c["figures"]["fig5"]["series"][0].update(task="squad"),
+        r"task: unknown task 'squad' \(allowed: mmlu, ",
+    ),
+    "layer out of range": (
+        lambda c: c["figures"]["fig5"]["ablation"].update(layers=[30]),
+        r"figures.fig5.panels\[0\].ablation.layers: layers \[30\] out of range \(allowed: 0..29\)",
+    ),
+    "head out of range": (
+        lambda c: c["figures"]["fig13"]["ablation"].update(heads=[9]),
+        r"ablation.heads: heads \[9\] out of range \(allowed: 0..8\)",
+    ),
+    "metric of another protocol": (
+        lambda c: c["figures"]["fig5"]["panels"][0].update(metric="exact_match"),
+        r"metric: 'exact_match' is not produced by protocol loglikelihood .*\(allowed: acc, acc_norm, acc_ce\)",
+    ),
+    "thinking without a switch": (
+        lambda c: c["tasks"]["gsm8k_8shot_chat"].update(enable_thinking=True),
+        r"tasks.gsm8k_8shot_chat.enable_thinking: model smollm2 has no thinking switch",
+    ),
+    "o_proj source missing": (
+        lambda c: c["figures"]["fig20"]["ablation"].update(source="nope"),
+        r"ablation.source: 'nope' is not a model id",
+    ),
+    "o_proj shapes differ": (
+        lambda c: c["models"]["smollm2_noisy_oproj"].update(num_layers=24),
+        r"o_proj replacement needs equal shapes, but smollm2_noisy_oproj and smollm2 differ in num_layers",
+    ),
+    "kv_group without GQA": (
+        lambda c: (
+            c["models"]["smollm2"].update(num_kv_heads=9),
+            c["figures"]["fig8"]["ablation"].update(kind="kv_group"),
+        ),
+        r"kind: kv_group needs grouped-query attention, but model smollm2 has 9 query and 9 KV heads",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cross_key_errors_name_the_key(case):
+    edit, message = CASES[case]
+    with pytest.raises(ConfigError, match=message):
+        check_config(broken(edit))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["tasks"]["kv_retrieval"].update(limit=0),
+            "config error: tasks.kv_retrieval.limit: 0 is less than the minimum of 1",
+        ),
+        (
+            lambda c: c["tasks"]["kv_retrieval"].update(protocol="perplexity"),
+            "tasks.kv_retrieval.protocol: 'perplexity' is not one of ['loglikelihood', "
+            "'generate_until'] (allowed: loglikelihood, generate_until)",
+        ),
+        (
+            lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
+            "(allowed: layer, head, kv_group, oproj, oproj_cumulative)",
+        ),
+        (
+            lambda c: c["models"]["smollm2"].update(dtyp="bfloat16"),
+            "models.smollm2: Additional properties are not allowed ('dtyp' was unexpected) "
+            "(allowed: source, repo_id,",
+        ),
+    ],
+)
+def test_schema_rejects_before_any_job(tmp_path, edit, message):
+    result = dry_run(broken(edit), tmp_path, "fig5")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "evaluate_ablation" not in result.stdout
+
+
+def test_cross_key_error_reaches_the_user_in_one_line(tmp_path):
+    result = dry_run(broken(CASES["layer out of range"][0]), tmp_path, "fig5")
+    assert result.returncode != 0
+    assert "config error: figures.fig5.panels[0].ablation.layers: layers [30] out of range" in result.stdout + result.stderr
+
+
+def test_demo_dry_run_plans_every_figure(tmp_path):
+    figures = [f"fig{n}" for n in range(1, 23)]
+    result = dry_run(DEMO, tmp_path, *figures)
+    assert result.returncode == 0, result.stderr
+    for figure in figures:
+        assert f"rule {figure}:\n" in result.stdout

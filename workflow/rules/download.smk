@@ -1,0 +1,25 @@
+rule download_model:
+    output:
+        marker="resources/models/{model}/download.json",
+    log:
+        "logs/download/{model}.log",
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        spec=get_model_spec,
+    script:
+        "../../scripts/download_model.py"
+
+
+rule prefetch_task:
+    output:
+        marker="resources/tasks/{task}.json",
+    log:
+        "logs/prefetch/{task}.log",
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        task=get_task_spec,
+        data_dir=config["data_dir"],
+    script:
+        "../../scripts/prefetch_task.py"
