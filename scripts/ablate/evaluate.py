@@ -19,7 +19,7 @@ import torch
 
 from ablate.ablations import Ablation, ablated, load_o_proj_weights
 from ablate.io import write_atomically
-from ablate.metrics import acc_ce, hit_budget, mean_and_stderr
+from ablate.metrics import acc_ce, mean_and_stderr
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,10 +53,34 @@ def load_model(model_dir: Path, spec: dict[str, Any]):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
+def budget_hits(generated: torch.Tensor, eos_id: int | None, decode, stop: list[str]) -> int:
+    """Rows of ``generated`` (new tokens only) that stopped for lack of budget: no EOS, no stop."""
+    hits = 0
+    for row in generated.tolist():
+        finished = eos_id in row or any(s and s in decode(row) for s in stop)
+        hits += not finished
+    return hits
+
+
 def build_lm(model, tokenizer, task: dict[str, Any]):
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(
+    class BudgetCountingLM(HFLM):
+        """HFLM that counts generations which used their whole ``max_gen_toks``.
+
+        Counted on the raw generation, before lm-eval strips a reasoning trace or a stop
+        sequence, so a trace cut off mid-thought is seen as cut off.
+        """
+
+        hit_budget = 0
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            output = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            generated = output[:, context.shape[1] :]
+            self.hit_budget += budget_hits(generated, self.eot_token_id, self.tok_decode, stop)
+            return output
+
+    return BudgetCountingLM(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=task.get("batch_size", 16),
@@ -107,7 +131,7 @@ def continuation_tokens(lm, context: str, continuation: str) -> int:
 
 
 def add_sample_metrics(lm, output: dict[str, Any], task: dict[str, Any]) -> list[dict]:
-    """Add acc_ce (multiple choice) or budget hits (generation) to every sample and the totals."""
+    """Add acc_ce to every multiple-choice sample and its mean to the results."""
     samples = [dict(s, task=name) for name, per_task in output["samples"].items() for s in per_task]
     results = output["results"][task["lm_eval_task"]]
     if samples and isinstance(samples[0]["resps"][0][0], (list, tuple)):  # log-likelihood
@@ -117,13 +141,6 @@ def add_sample_metrics(lm, output: dict[str, Any], task: dict[str, Any]) -> list
             sample["acc_ce"] = acc_ce(lls, counts, int(sample["target"]))
         mean, stderr = mean_and_stderr([s["acc_ce"] for s in samples])
         results["acc_ce,none"], results["acc_ce_stderr,none"] = mean, stderr
-    else:
-        budget = (task.get("gen_kwargs") or {}).get("max_gen_toks", lm.max_gen_toks)
-        for sample in samples:
-            generated = len(lm.tok_encode(sample["resps"][0][0]))
-            sample["hit_budget"] = hit_budget(generated, budget)
-        by_doc = {s["doc_id"]: s["hit_budget"] for s in samples}
-        results["hit_budget,none"] = sum(by_doc.values())
     return samples
 
 
@@ -161,7 +178,8 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
     for sample in samples:
         kept = {k: sample[k] for k in SAMPLE_FIELDS if k in sample}
         kept.update({m: sample[m] for m in sample["metrics"]})
-        kept.update({k: sample[k] for k in ("acc_ce", "hit_budget") if k in sample})
+        if "acc_ce" in sample:
+            kept["acc_ce"] = sample["acc_ce"]
         lines.append(json.dumps(kept, default=str))
     write_atomically(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
     record = {
@@ -182,9 +200,12 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
     source = load_o_proj_weights(job.source_dir, replaced) if replaced else None
     for ablation, out_dir in ablations:
         start = time.perf_counter()
+        lm.hit_budget = 0
         with ablated(model, ablation, source):
             output = run_lm_eval(lm, job)
         samples = add_sample_metrics(lm, output, job.task)
+        if job.task["protocol"] == "generate_until":
+            output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget
         meta = provenance(job, ablation, output)
         meta["eval_seconds"] = round(time.perf_counter() - start, 2)
         write_result(Path(out_dir), output, samples, meta)

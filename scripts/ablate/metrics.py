@@ -27,8 +27,3 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(variance / n)
-
-
-def hit_budget(generated_tokens: int, max_gen_toks: int) -> bool:
-    """A generation that used the whole token budget was cut off, not finished."""
-    return generated_tokens >= max_gen_toks
