@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CONFIG := workflow/config/demo.yaml
-DEMO_FIGURES := fig5 fig11 fig13
+DEMO_FIGURES := fig5 fig8 fig11
 CORES ?= 2
 
 .PHONY: setup demo demo-all test lint format clean

@@ -8,6 +8,7 @@ from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0], offline=True):  # noqa: F821
     import torch
+
     from ablate.ablations import Ablation
     from ablate.evaluate import Job, evaluate
 

@@ -4,6 +4,7 @@ import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
 import pandas as pd
+
 from ablate.plot import plot_figure
 from ablate.rule import rule_log
 

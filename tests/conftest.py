@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ablate.embedded import convert_embedded
 
 REPO = Path(__file__).resolve().parents[1]

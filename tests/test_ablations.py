@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+
 from ablate.ablations import Ablation, Architecture, ablated, decoder_layers, load_o_proj_weights
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"

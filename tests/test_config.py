@@ -31,7 +31,11 @@ def dry_run(config: dict, tmp_path: Path, *targets: str) -> subprocess.Completed
 def test_both_configs_pass_the_checks():
     check_config(PAPER)
     check_config(DEMO)
-    assert sorted(PAPER["figures"]) == sorted(DEMO["figures"]) == sorted(f"fig{n}" for n in range(1, 23))
+    assert (
+        sorted(PAPER["figures"])
+        == sorted(DEMO["figures"])
+        == sorted(f"fig{n}" for n in range(1, 23))
+    )
 
 
 @pytest.mark.parametrize(
@@ -52,7 +56,9 @@ def test_o_proj_runs_compare_against_the_target_model():
     runs = figure_runs(PAPER, "fig21")
     assert {run.model for run in runs} == {"r1_distill_llama8b"}
     assert runs[5].ablation == "oprojcum5_from_llama31_8b"
-    assert ("r1_distill_llama8b", "gsm8k_cot_reasoning", "base") in figure_evaluations(PAPER, "fig21")
+    assert ("r1_distill_llama8b", "gsm8k_cot_reasoning", "base") in figure_evaluations(
+        PAPER, "fig21"
+    )
 
 
 def broken(edit) -> dict:
@@ -144,7 +150,10 @@ def test_schema_rejects_before_any_job(tmp_path, edit, message):
 def test_cross_key_error_reaches_the_user_in_one_line(tmp_path):
     result = dry_run(broken(CASES["layer out of range"][0]), tmp_path, "fig5")
     assert result.returncode != 0
-    assert "config error: figures.fig5.panels[0].ablation.layers: layers [30] out of range" in result.stdout + result.stderr
+    assert (
+        "config error: figures.fig5.panels[0].ablation.layers: layers [30] out of range"
+        in result.stdout + result.stderr
+    )
 
 
 def test_demo_dry_run_plans_every_figure(tmp_path):

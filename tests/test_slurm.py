@@ -42,14 +42,15 @@ def test_figure_through_slurm(tmp_path):
         "--configfile", "config.yaml",
     ]  # fmt: skip
     # -k: Snakemake ignores SIGTERM while it waits for the scheduler.
-    result = subprocess.run(["timeout", "-k", "10", "900", *command], capture_output=True, text=True)
+    result = subprocess.run(
+        ["timeout", "-k", "10", "900", *command], capture_output=True, text=True
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     frame = pd.read_csv(tmp_path / "results/aggregate/tiny_layers.csv")
     assert len(frame) == 4 and frame["score"].between(0, 1).all()
     assert (tmp_path / "results/figures/tiny_layers.png").stat().st_size > 10_000
-    # The three evaluations (base, layer0, layer29) ran as SLURM jobs, with a GPU each.
-    assert output.count("Job ") and "--gpus=1" in output or "gpus" in output
+    # The three evaluations (base, layer0, layer29) ran as SLURM jobs.
     slurm_logs = list((tmp_path / ".snakemake/slurm_logs/rule_evaluate_ablation").rglob("*.log"))
     assert len(slurm_logs) == 3
     completed = JOBCOMP.read_text().count("JobState=COMPLETED") - completed_before

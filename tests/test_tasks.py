@@ -14,9 +14,9 @@ from ablate.evaluate import TASKS_DIR, budget_hits, task_manager
 from ablate.metrics import acc_ce, mean_and_stderr
 
 sys.path.insert(0, str(TASKS_DIR))
-import utils as task_utils  # noqa: E402  (the tasks folder's own helpers, as lm-eval loads them)
+import utils as task_utils
 
-DATA_DIR = str((Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -33,8 +33,14 @@ def first_doc(task):
 # --- key-value retrieval ------------------------------------------------------------------
 
 
+def reference_kv_doc() -> dict:
+    """The first document of lost-in-the-middle's 75-key file."""
+    with Path(DATA_DIR, "kv_retrieval/kv-retrieval-75_keys.jsonl").open() as handle:
+        return json.loads(handle.readline())
+
+
 def test_kv_generator_matches_the_reference_format():
-    reference = json.loads(Path(DATA_DIR, "kv_retrieval/kv-retrieval-75_keys.jsonl").open().readline())
+    reference = reference_kv_doc()
     (generated,) = task_utils.kv_records(num_pairs=75, gold_position=None, num_docs=1, seed=7)
     assert set(generated) == set(reference)
     assert len(generated["ordered_kv_records"]) == len(reference["ordered_kv_records"]) == 75
@@ -48,12 +54,12 @@ def test_kv_generator_is_deterministic_and_places_the_gold_pair():
     assert docs == task_utils.kv_records(num_pairs=5, gold_position=3, num_docs=4, seed=11)
     assert docs != task_utils.kv_records(num_pairs=5, gold_position=3, num_docs=4, seed=12)
     assert all(doc["ordered_kv_records"][3] == [doc["key"], doc["value"]] for doc in docs)
-    with pytest.raises(ValueError, match="gold_position 5 not in 0..4"):
+    with pytest.raises(ValueError, match=r"gold_position 5 not in 0\.\.4"):
         task_utils.kv_retrieval(num_pairs=5, gold_position=5)
 
 
 def test_kv_correct_option_is_the_queried_value():
-    reference = json.loads(Path(DATA_DIR, "kv_retrieval/kv-retrieval-75_keys.jsonl").open().readline())
+    reference = reference_kv_doc()
     choices = task_utils.kv_choices(reference)
     assert len(choices) == 75
     assert choices[task_utils.kv_target(reference)] == f'"{reference["value"]}"'

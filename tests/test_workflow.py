@@ -41,9 +41,13 @@ def test_layer_figure_csv_holds_real_scores(tiny_run):
     assert (frame["delta"] - (frame["score"] - frame["baseline"])).abs().max() < 1e-6
     assert (frame["n_samples"] == 4).all()
     base = json.loads((tiny_run / "results/evaluate/smollm2/kv/base/results.json").read_text())
-    assert frame["baseline"].iloc[0] == pytest.approx(base["results"]["kv_retrieval_short"]["acc,none"])
+    assert frame["baseline"].iloc[0] == pytest.approx(
+        base["results"]["kv_retrieval_short"]["acc,none"]
+    )
     # Skipping layer 0 of a 30-layer model wrecks retrieval; the scores must show it.
-    layer0 = json.loads((tiny_run / "results/evaluate/smollm2/kv/layer0/samples.jsonl").read_text().splitlines()[0])
+    layer0 = json.loads(
+        (tiny_run / "results/evaluate/smollm2/kv/layer0/samples.jsonl").read_text().splitlines()[0]
+    )
     assert set(layer0) >= {"doc_id", "acc", "acc_ce", "prompt_hash"}
 
 
