@@ -17,6 +17,7 @@ with rule_log(snakemake.log[0], offline=True):  # noqa: F821
     job = Job(
         model_dir=Path(snakemake.input.model).parent,  # noqa: F821
         source_dir=Path(source).parent if source else None,
+        cache_dir=Path(snakemake.params.cache_dir),  # noqa: F821
         **snakemake.params.job,  # noqa: F821
     )
     out_dir = Path(snakemake.output.results).parent  # noqa: F821

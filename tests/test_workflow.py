@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO.parent / "shared" / "data").resolve()
+FAKE_TOKEN = "hf_NOT_A_REAL_TOKEN_but_must_never_be_written"
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
          "--directory", str(workdir), "--cores", "2", *args],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env={**os.environ, "HF_TOKEN": FAKE_TOKEN},
     )  # fmt: skip
 
 
@@ -78,3 +81,29 @@ def test_rerun_has_nothing_to_do(tiny_run):
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--configfile", "config.yaml", "-n")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_no_token_is_written_anywhere(tiny_run):
+    for path in tiny_run.rglob("*"):
+        if path.is_file() and path.suffix not in (".safetensors", ".png", ".pdf", ".db"):
+            assert FAKE_TOKEN not in path.read_text(errors="ignore"), path
+
+
+def test_recomputing_gives_byte_identical_csv(tiny_run):
+    csv = tiny_run / "results/aggregate/tiny_layers.csv"
+    first = csv.read_bytes()
+    # Drop the request caches so the evaluations really run again.
+    shutil.rmtree(tiny_run / "results/cache")
+    result = snakemake(
+        tiny_run, "tiny_layers", "--configfile", "config.yaml", "--forcerun", "evaluate_ablation"
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "Cached requests: 0" in (tiny_run / "logs/evaluate/smollm2/kv/layer0.log").read_text()
+    assert csv.read_bytes() == first
+
+
+def test_only_missing_units_are_recomputed(tiny_run):
+    (tiny_run / "results/evaluate/smollm2/kv/layer29/results.json").unlink()
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--configfile", "config.yaml", "-n")
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("evaluate_ablation ")]
+    assert jobs and jobs[0].split()[-1] == "1", result.stdout[-2000:]

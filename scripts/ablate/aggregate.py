@@ -29,7 +29,12 @@ def metric_key(metric: str) -> str:
     return metric if "," in metric else f"{metric},none"
 
 
+# Provenance that must agree across every result of one series (its baseline included).
+PROVENANCE_KEYS = ("model_revision", "task_versions", "num_fewshot", "limit", "dtype", "packages")
+
+
 def read_result(path: Path) -> dict[str, Any]:
+    """A result and its document count, checked against the count lm-eval says it evaluated."""
     if not path.exists():
         raise ResultError(f"{path}: missing (rerun the workflow to compute it)")
     record = json.loads(path.read_text())
@@ -37,8 +42,21 @@ def read_result(path: Path) -> dict[str, Any]:
     if not samples.exists():
         raise ResultError(f"{samples}: missing beside {path.name}")
     docs = {(s["task"], s["doc_id"]) for s in map(json.loads, samples.read_text().splitlines())}
+    expected = sum(count["effective"] for count in record["n_samples"].values())
+    if len(docs) != expected:
+        raise ResultError(f"{samples}: {len(docs)} documents, lm-eval evaluated {expected}")
     record["n_docs"] = len(docs)
     return record
+
+
+def check_provenance(path: Path, record: dict, base_path: Path, base: dict) -> None:
+    for key in PROVENANCE_KEYS:
+        if record["provenance"].get(key) != base["provenance"].get(key):
+            raise ResultError(
+                f"{path}: provenance {key} = {record['provenance'].get(key)!r} differs from "
+                f"{base_path} ({base['provenance'].get(key)!r}); recompute one of them, or set "
+                "allow_mixed_provenance: true to aggregate anyway"
+            )
 
 
 def score(record: dict[str, Any], task: str, metric: str, path: Path) -> tuple[float, float]:
@@ -73,9 +91,8 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
             raise ResultError(
                 f"{path}: {record['n_docs']} documents, but the baseline {base_path} has {base['n_docs']}"
             )
-        revisions = {base["provenance"]["model_revision"], record["provenance"]["model_revision"]}
-        if len(revisions) > 1:
-            raise ResultError(f"{path}: model revision {revisions} differs from the baseline's")
+        if not config.get("allow_mixed_provenance"):
+            check_provenance(path, record, base_path, base)
         value, stderr = score(record, lm_task, run.metric, path)
         baseline, _ = score(base, lm_task, run.metric, base_path)
         budget = record["results"][lm_task].get("hit_budget,none")

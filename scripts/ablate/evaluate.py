@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,19 @@ class Job:
     data_dir: str
     seed: int = 1234
     source_dir: Path | None = None  # o_proj replacement source checkpoint
+    cache_dir: Path | None = None  # lm-eval request caches, one per (model revision, ablation)
+
+    @property
+    def model_revision(self) -> str | None:
+        record = self.model_dir / "download.json"
+        return json.loads(record.read_text()).get("commit") if record.exists() else None
+
+    def request_cache(self, ablation: Ablation) -> str | None:
+        """lm-eval ``use_cache`` prefix: a resubmitted job replays what it already computed."""
+        if self.cache_dir is None:
+            return None
+        revision = re.sub(r"[^A-Za-z0-9_.=-]", "_", self.model_revision or "unknown")
+        return str(self.cache_dir / revision / ablation.id)
 
 
 def load_model(model_dir: Path, spec: dict[str, Any]):
@@ -103,12 +117,16 @@ def task_manager(task: dict[str, Any], data_dir: str):
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
 
 
-def run_lm_eval(lm, job: Job) -> dict[str, Any]:
+def run_lm_eval(lm, job: Job, ablation: Ablation) -> dict[str, Any]:
     import lm_eval
 
     task = job.task
+    cache = job.request_cache(ablation)
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
     return lm_eval.simple_evaluate(
         model=lm,
+        use_cache=cache,
         tasks=[task["lm_eval_task"]],
         num_fewshot=task.get("num_fewshot"),
         limit=task.get("limit"),
@@ -148,10 +166,9 @@ def provenance(job: Job, ablation: Ablation, output: dict[str, Any]) -> dict[str
     import lm_eval
     import transformers
 
-    source = job.model_dir / "download.json"
     return {
         "model": job.model.get("repo_id", "embedded"),
-        "model_revision": json.loads(source.read_text()).get("commit") if source.exists() else None,
+        "model_revision": job.model_revision,
         "ablation": ablation.id,
         "task": job.task["lm_eval_task"],
         "task_versions": output.get("versions", {}),
@@ -202,7 +219,7 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
         start = time.perf_counter()
         lm.hit_budget = 0
         with ablated(model, ablation, source):
-            output = run_lm_eval(lm, job)
+            output = run_lm_eval(lm, job, ablation)
         samples = add_sample_metrics(lm, output, job.task)
         if job.task["protocol"] == "generate_until":
             output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget

@@ -18,5 +18,7 @@ rule evaluate_ablation:
         runtime=get_eval_runtime,
     params:
         job=get_evaluation_job,
+        # Outlives a killed job on purpose: the resubmission replays finished requests.
+        cache_dir="results/cache/{model}/{task}",
     script:
         "../../scripts/evaluate_ablation.py"
