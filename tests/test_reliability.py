@@ -32,7 +32,8 @@ TARGET = "results/evaluate/smollm2/kv/layer3/results.json"
 
 def command(workdir: Path, target: str = TARGET) -> list[str]:
     return [sys.executable, "-m", "snakemake", target, "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(workdir), "--cores", "1", "--configfile", "config.yaml"]  # fmt: skip
+            "--directory", str(workdir), "--cores", "1",
+            "--configfile", str(workdir / "config.yaml")]  # fmt: skip
 
 
 def cached_requests(workdir: Path) -> int:

@@ -39,7 +39,7 @@ def test_figure_through_slurm(tmp_path):
         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
         "--default-resources", "slurm_partition=gpu", "cpus_per_task=1", "mem_mb=1000", "runtime=10",
         "--latency-wait", "5", "--jobs", "2",
-        "--configfile", "config.yaml",
+        "--configfile", str(tmp_path / "config.yaml"),
     ]  # fmt: skip
     # -k: Snakemake ignores SIGTERM while it waits for the scheduler.
     result = subprocess.run(

@@ -19,9 +19,11 @@ FAKE_TOKEN = "hf_NOT_A_REAL_TOKEN_but_must_never_be_written"
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake on the tiny config written into ``workdir``."""
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-         "--directory", str(workdir), "--cores", "2", *args],
+        [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
+         "--directory", str(workdir), "--cores", "2",
+         "--configfile", str(workdir / "config.yaml")],
         capture_output=True, text=True, env={**os.environ, "HF_TOKEN": FAKE_TOKEN},
     )  # fmt: skip
 
@@ -32,7 +34,7 @@ def tiny_run(tmp_path_factory) -> Path:
     config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
     config["data_dir"] = str(DATA_DIR)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "tiny_layers", "tiny_heads", "--configfile", "config.yaml")
+    result = snakemake(workdir, "tiny_layers", "tiny_heads")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 
@@ -78,7 +80,7 @@ def test_figures_are_rendered(tiny_run):
 
 
 def test_rerun_has_nothing_to_do(tiny_run):
-    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--configfile", "config.yaml", "-n")
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
 
@@ -94,16 +96,16 @@ def test_recomputing_gives_byte_identical_csv(tiny_run):
     first = csv.read_bytes()
     # Drop the request caches so the evaluations really run again.
     shutil.rmtree(tiny_run / "results/cache")
-    result = snakemake(
-        tiny_run, "tiny_layers", "--configfile", "config.yaml", "--forcerun", "evaluate_ablation"
-    )
+    result = snakemake(tiny_run, "tiny_layers", "--forcerun", "evaluate_ablation")
     assert result.returncode == 0, result.stdout[-2000:]
     assert "Cached requests: 0" in (tiny_run / "logs/evaluate/smollm2/kv/layer0.log").read_text()
     assert csv.read_bytes() == first
 
 
 def test_only_missing_units_are_recomputed(tiny_run):
+    # As after a sweep where one job failed: its unit and the figure are missing.
     (tiny_run / "results/evaluate/smollm2/kv/layer29/results.json").unlink()
-    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--configfile", "config.yaml", "-n")
+    (tiny_run / "results/aggregate/tiny_layers.csv").unlink()
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
     jobs = [line for line in result.stdout.splitlines() if line.startswith("evaluate_ablation ")]
     assert jobs and jobs[0].split()[-1] == "1", result.stdout[-2000:]

@@ -3,6 +3,7 @@ unablated baseline dashed) above Δ = ablated − baseline (bars; negative = the
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -48,7 +49,7 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
         metric = data["metric"].iloc[0]
         top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=metric)
         bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {metric}")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
     fig.tight_layout()
     for path in out_paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -18,4 +19,7 @@ def rule_log(log_path: str, offline: bool = False) -> Iterator[None]:
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
+        # lm-eval reports at INFO what a reader of the log needs (cache hits, task versions).
+        logging.basicConfig(stream=log, level=logging.WARNING, force=True)
+        logging.getLogger("lm_eval").setLevel(logging.INFO)
         yield
