@@ -50,8 +50,22 @@ def test_figure_through_slurm(tmp_path):
     frame = pd.read_csv(tmp_path / "results/aggregate/tiny_layers.csv")
     assert len(frame) == 4 and frame["score"].between(0, 1).all()
     assert (tmp_path / "results/figures/tiny_layers.png").stat().st_size > 10_000
-    # The three evaluations (base, layer0, layer29) ran as SLURM jobs.
-    slurm_logs = list((tmp_path / ".snakemake/slurm_logs/rule_evaluate_ablation").rglob("*.log"))
-    assert len(slurm_logs) == 3
+    # The three evaluations (base, layer0, layer29) ran as SLURM jobs, each given a GPU;
+    # downloads, aggregation and plots stayed on the submit host.
+    listing = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True
+    ).stdout
+    jobs = [line.split("|") for line in listing.splitlines() if line.endswith(f"|{tmp_path}")]
+    assert sorted(comment.rsplit("_", 1)[-1] for _, _, comment, _ in jobs) == [
+        "base",
+        "layer0",
+        "layer29",
+    ]
+    assert all(state == "COMPLETED" for _, state, _, _ in jobs)
+    for job_id, *_ in jobs:
+        details = subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True
+        )
+        assert "TresPerJob=gres:gpu:1" in details.stdout
     completed = JOBCOMP.read_text().count("JobState=COMPLETED") - completed_before
-    assert completed >= 3
+    assert completed == 3

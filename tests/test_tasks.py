@@ -120,16 +120,19 @@ def test_closed_and_open_book_tasks_share_questions_and_gold():
     ],
 )
 def test_answer_after_the_reasoning_trace_is_scored(task_name, generation, correct):
+    from lm_eval.api.instance import Instance
     from lm_eval.models.utils import postprocess_generated_text
 
     task = load_task(task_name)
     doc = {"question": "q", "answer": "5 + 13 = <<5+13=18>>18\n#### 18"}
+    # What HFLM does with think_end_token, then the task's own filters and metric.
     response = postprocess_generated_text(generation, ["Question:", "Q:"], "</think>")
-    scores = {}
+    instance = Instance("generate_until", doc, ("", {}), idx=0)
+    instance.resps = [response]
     for filter_set in task._filters:
-        (filtered,) = filter_set.apply([[response]], [doc])
-        scores[filter_set.name] = task.process_results(doc, filtered)["exact_match"]
-    assert scores["flexible-extract"] == float(correct)
+        filter_set.apply([instance])
+    filtered = instance.filtered_resps["flexible-extract"]
+    assert task.process_results(doc, [filtered])["exact_match"] == float(correct)
 
 
 def test_cot_exemplars_come_from_lm_eval():
