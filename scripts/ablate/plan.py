@@ -87,7 +87,8 @@ def tokens(task: dict[str, Any]) -> tuple[float, float]:
     return docs * PROMPT_TOKENS, docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
 
 
-def seconds(model: dict, task: dict, rates: dict) -> float:
+def estimated_seconds(model: dict, task: dict, rates: dict) -> float:
+    """Wall seconds of one evaluation job: start-up plus prompt and generated tokens at ``rates``."""
     device = device_kind(model)
     prompt, generated = tokens(task)
     work = prompt * rates[(device, "prefill")] + generated * rates[(device, "decode")]
@@ -134,7 +135,7 @@ def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, 
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
         source = "calibrated" if all((device, p) in calibrated for p in phases) else "prior"
         groups[(job.model, job.task, model.get("gpus", 0), source)].append(
-            seconds(model, task, rates)
+            estimated_seconds(model, task, rates)
         )
     rows = []
     for (model, task, gpus, source), durations in sorted(groups.items()):

@@ -1,3 +1,4 @@
+import math
 import sys
 
 import yaml
@@ -14,6 +15,7 @@ from ablate.config import (
     o_proj_source,
     schema_error,
 )
+from ablate.plan import PRIOR_RATE, estimated_seconds
 
 # One line naming the key before Snakemake's full report; then fill the schema's defaults.
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -112,10 +114,7 @@ def get_eval_resources_mem_mb(wildcards, attempt):
 
 
 def get_eval_runtime(wildcards, attempt):
-    """Minutes: a prior per task size, scaled by model size, doubled per retry."""
+    """Minutes: three times the planner's prior estimate (ablate.plan), doubled per retry."""
     model = config["models"][wildcards.model]
     task = config["tasks"][wildcards.task]
-    generation = task["protocol"] == "generate_until"
-    per_doc_s = (0.6 if generation else 0.05) * max(model["params_b"], 0.2)
-    docs = task["limit"] or 2000
-    return int(10 + docs * per_doc_s / 60 * attempt)
+    return math.ceil(3 * estimated_seconds(model, task, PRIOR_RATE) / 60 + 5) * attempt
