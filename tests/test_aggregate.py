@@ -1,0 +1,101 @@
+"""Δ arithmetic and the integrity checks of the aggregate step, on small result fixtures."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from ablate.aggregate import ResultError, aggregate, write_csv
+from ablate.config import ConfigError
+from ablate.download import check_token
+
+CONFIG = {
+    "models": {"m": {"source": "embedded", "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}},
+    "tasks": {"t": {"lm_eval_task": "lmt", "protocol": "loglikelihood"}},
+    "figures": {"f": {"title": "f", "ablation": {"kind": "layer"},
+                      "series": [{"label": "s", "model": "m", "task": "t"}],
+                      "panels": [{"metric": "acc"}, {"metric": "acc_ce"}]}},
+}  # fmt: skip
+PROVENANCE = {"model_revision": "abc", "task_versions": {"lmt": 1.0}, "num_fewshot": None,
+              "limit": 4, "dtype": "float32", "packages": {"lm_eval": "0.4.13"}}  # fmt: skip
+
+
+def write_unit(root: Path, ablation: str, correct: list[int], **provenance) -> Path:
+    folder = root / "m" / "t" / ablation
+    folder.mkdir(parents=True, exist_ok=True)
+    acc = sum(correct) / len(correct)
+    record = {
+        "results": {"lmt": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_ce,none": 1 - acc}},
+        "n_samples": {"lmt": {"original": 100, "effective": len(correct)}},
+        "provenance": {**PROVENANCE, **provenance},
+    }
+    (folder / "results.json").write_text(json.dumps(record))
+    samples = [{"task": "lmt", "doc_id": i, "acc": c} for i, c in enumerate(correct)]
+    (folder / "samples.jsonl").write_text("\n".join(map(json.dumps, samples)) + "\n")
+    return folder
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    write_unit(tmp_path, "base", [1, 1, 1, 0])
+    write_unit(tmp_path, "layer0", [0, 0, 1, 0])
+    write_unit(tmp_path, "layer1", [1, 1, 1, 1])
+    return tmp_path
+
+
+def test_delta_is_ablated_minus_baseline(results, tmp_path):
+    frame = aggregate(CONFIG, "f", results)
+    acc = frame[frame["metric"] == "acc"].set_index("layer")
+    assert acc.loc[0, "delta"] == pytest.approx(0.25 - 0.75)
+    assert acc.loc[1, "delta"] == pytest.approx(1.0 - 0.75)
+    ce = frame[frame["metric"] == "acc_ce"].set_index("layer")
+    assert ce.loc[0, "score"] == pytest.approx(0.75) and ce.loc[0, "baseline"] == pytest.approx(
+        0.25
+    )
+    write_csv(frame, tmp_path / "a.csv")
+    write_csv(aggregate(CONFIG, "f", results), tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_missing_unit_is_an_error_naming_the_file(results):
+    (results / "m/t/layer1/results.json").unlink()
+    with pytest.raises(ResultError, match=r"m/t/layer1/results.json: missing"):
+        aggregate(CONFIG, "f", results)
+
+
+def test_short_result_is_an_error(results):
+    samples = results / "m/t/layer0/samples.jsonl"
+    samples.write_text("\n".join(samples.read_text().splitlines()[:3]) + "\n")
+    with pytest.raises(
+        ResultError, match=r"layer0/samples.jsonl: 3 documents, lm-eval evaluated 4"
+    ):
+        aggregate(CONFIG, "f", results)
+
+
+def test_result_with_fewer_documents_than_its_baseline(results):
+    write_unit(results, "layer0", [0, 0, 1])
+    with pytest.raises(ResultError, match=r"layer0/results.json: 3 documents, but the baseline"):
+        aggregate(CONFIG, "f", results)
+
+
+def test_mixed_model_revisions_are_refused_unless_allowed(results):
+    write_unit(results, "layer1", [1, 1, 1, 1], model_revision="def")
+    with pytest.raises(ResultError, match=r"provenance model_revision = 'def' differs"):
+        aggregate(CONFIG, "f", results)
+    allowed = copy.deepcopy(CONFIG) | {"allow_mixed_provenance": True}
+    assert len(aggregate(allowed, "f", results)) == 4
+
+
+def test_missing_token_for_a_gated_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no cached login either
+    spec = {"repo_id": "meta-llama/Llama-3.1-8B", "gated": True}
+    with pytest.raises(
+        ConfigError, match=r"models.llama: meta-llama/Llama-3.1-8B is gated: .*HF_TOKEN"
+    ):
+        check_token("llama", spec)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    check_token("llama", spec)
