@@ -109,3 +109,10 @@ def test_only_missing_units_are_recomputed(tiny_run):
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
     jobs = [line for line in result.stdout.splitlines() if line.startswith("evaluate_ablation ")]
     assert jobs and jobs[0].split()[-1] == "1", result.stdout[-2000:]
+
+
+def test_report_collects_the_figures(tiny_run):
+    report = tiny_run / "report.html"
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report))
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert report.stat().st_size > 100_000

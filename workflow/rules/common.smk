@@ -48,7 +48,7 @@ wildcard_constraints:
 
 
 def model_marker(model):
-    return f"resources/models/{model}/download.json"
+    return rules.download_model.output.marker.format(model=model)
 
 
 def get_evaluation_models(wildcards):
@@ -82,18 +82,20 @@ def get_evaluation_job(wildcards):
 
 
 def get_figure_results(wildcards):
+    pattern = rules.evaluate_ablation.output.results
     return [
-        f"results/evaluate/{model}/{task}/{ablation}/results.json"
+        pattern.format(model=model, task=task, ablation=ablation)
         for model, task, ablation in figure_evaluations(config, wildcards.figure)
     ]
 
 
 def get_figure_files(figure_id):
-    return [
-        f"results/figures/{figure_id}.png",
-        f"results/figures/{figure_id}.pdf",
-        f"results/aggregate/{figure_id}.csv",
+    outputs = [
+        rules.plot_figure.output.png,
+        rules.plot_figure.output.pdf,
+        rules.aggregate_figure.output.csv,
     ]
+    return [pattern.format(figure=figure_id) for pattern in outputs]
 
 
 def get_all_figures():
