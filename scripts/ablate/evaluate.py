@@ -186,7 +186,16 @@ def provenance(job: Job, ablation: Ablation, output: dict[str, Any]) -> dict[str
     }
 
 
-SAMPLE_FIELDS = ("task", "doc_id", "filter", "target", "filtered_resps", "doc_hash", "prompt_hash")
+SAMPLE_FIELDS = (
+    "task",
+    "doc_id",
+    "filter",
+    "target",
+    "resps",
+    "filtered_resps",
+    "doc_hash",
+    "prompt_hash",
+)
 
 
 def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], meta: dict) -> None:
