@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.plan import PRIOR_RATE, calibrated_rates, plan, planned_evaluations
+from ablate.plan import PRIOR_RATE, calibrated_rates, plan, planned_evaluations, total_row
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config.yaml"
@@ -15,10 +15,15 @@ DEMO = REPO / "workflow/config/demo.yaml"
 
 
 def test_paper_plan_counts_every_evaluation(tmp_path):
-    rows = plan(["fig13"], PAPER, tmp_path)
-    assert sum(row["jobs"] for row in rows) == 33  # 32 heads of layer 35 + the baseline
+    rows = plan(["fig11", "fig13"], PAPER, tmp_path)
+    jobs = {row["figure"]: row["jobs"] for row in rows}
+    assert jobs == {"fig11": 37, "fig13": 33}  # 36 layers / 32 heads of layer 35, + baseline
     assert all(row["gpus_per_job"] == 1 and row["rate"] == "prior" for row in rows)
-    assert sum(row["gpu_hours"] for row in rows) > 1
+    total = total_row(rows)
+    assert total["jobs"] == 37 + 33 - 1  # the two figures share Qwen3's GSM8K 1-shot baseline
+    assert total["gpu_hours"] == pytest.approx(
+        sum(r["gpu_hours"] for r in rows) * 69 / 70, rel=0.01
+    )
 
 
 def test_finished_evaluations_are_excluded(tmp_path):

@@ -125,27 +125,57 @@ def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str
 
 
 def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, Any]]:
+    """One row per (figure, model, task) of the evaluations still to run.
+
+    An evaluation two figures share (a common baseline) appears under both; ``total_row``
+    counts it once.
+    """
+    from ablate.config import figure_evaluations
+
     config = yaml.safe_load(configfile.read_text())
     calibrated = calibrated_rates(config, workdir / "benchmarks" / "evaluate")
     rates = PRIOR_RATE | calibrated
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    for job in planned_evaluations(targets, configfile, workdir):
-        model, task = config["models"][job.model], config["tasks"][job.task]
+    planned = set(planned_evaluations(targets, configfile, workdir))
+    figures = (
+        list(config["figures"])
+        if "all" in targets
+        else [t for t in targets if t in config["figures"]]
+    )
+    groups: dict[tuple, list[Evaluation]] = defaultdict(list)
+    for figure in figures:
+        for evaluation in (Evaluation(*e) for e in figure_evaluations(config, figure)):
+            if evaluation in planned:
+                groups[(figure, evaluation.model, evaluation.task)].append(evaluation)
+    rows = []
+    for (figure, model_id, task_id), jobs in groups.items():
+        model, task = config["models"][model_id], config["tasks"][task_id]
         device = device_kind(model)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
-        source = "calibrated" if all((device, p) in calibrated for p in phases) else "prior"
-        groups[(job.model, job.task, model.get("gpus", 0), source)].append(
-            estimated_seconds(model, task, rates)
-        )
-    rows = []
-    for (model, task, gpus, source), durations in sorted(groups.items()):
-        hours = sum(durations) / 3600
+        per_job = estimated_seconds(model, task, rates)
+        hours = per_job * len(jobs) / 3600
         rows.append({
-            "model": model, "task": task, "jobs": len(durations), "gpus_per_job": gpus,
-            "minutes_per_job": round(sum(durations) / len(durations) / 60, 1),
-            "gpu_hours": round(hours * gpus, 2), "cpu_hours": round(hours, 2), "rate": source,
+            "figure": figure, "rule": "evaluate_ablation", "model": model_id, "task": task_id,
+            "jobs": len(jobs), "gpus_per_job": model.get("gpus", 0),
+            "minutes_per_job": round(per_job / 60, 1),
+            "gpu_hours": round(hours * model.get("gpus", 0), 2), "job_hours": round(hours, 2),
+            "rate": "calibrated" if all((device, p) in calibrated for p in phases) else "prior",
+            "_jobs": jobs,
         })  # fmt: skip
     return rows
+
+
+def total_row(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Jobs and hours over the union of the rows' evaluations (shared ones once)."""
+    cost: dict[Evaluation, tuple[float, float]] = {}
+    for row in rows:
+        per_job_hours = row["job_hours"] / row["jobs"]
+        for job in row["_jobs"]:
+            cost[job] = (per_job_hours * row["gpus_per_job"], per_job_hours)
+    return {
+        "jobs": len(cost),
+        "gpu_hours": sum(gpu for gpu, _ in cost.values()),
+        "job_hours": sum(hours for _, hours in cost.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         print("nothing to run: every evaluation of these targets is already done")
         return
-    table = pd.DataFrame(rows)
-    print(table.to_string(index=False))
-    print(f"\ntotal: {table['jobs'].sum()} evaluation jobs, {table['gpu_hours'].sum():.1f} GPU-hours, "
-          f"{table['cpu_hours'].sum():.1f} job-hours")  # fmt: skip
+    print(pd.DataFrame(rows).drop(columns="_jobs").to_string(index=False))
+    total = total_row(rows)
+    print(f"\ntotal: {total['jobs']} evaluation jobs, {total['gpu_hours']:.1f} GPU-hours, "
+          f"{total['job_hours']:.1f} job-hours; downloads, aggregation and plots run locally")  # fmt: skip
 
 
 if __name__ == "__main__":
