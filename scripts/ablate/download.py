@@ -47,6 +47,18 @@ def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) ->
             )
 
 
+def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:
+    """``has_thinking`` promises an ``enable_thinking`` switch; the chat template must have it."""
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(checkpoint).chat_template or ""
+    if spec.get("has_thinking") and "enable_thinking" not in template:
+        raise ConfigError(
+            f"models.{model_id}.has_thinking: the checkpoint's chat template has no "
+            "enable_thinking switch (allowed: false)"
+        )
+
+
 def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
     """Materialise a checkpoint in ``out_dir``; ``download.json`` (written last) records its commit."""
     if spec["source"] == "embedded":
@@ -64,6 +76,7 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
         )
         record = {"repo_id": spec["repo_id"], "revision": spec.get("revision"), "commit": commit}
     check_architecture(model_id, spec, out_dir)
+    check_thinking_switch(model_id, spec, out_dir)
     if spec.get("o_proj_noise"):
         record["o_proj_noise"] = spec["o_proj_noise"]
     write_atomically(out_dir / "download.json", json.dumps(record, indent=1))

@@ -1,4 +1,4 @@
-"""Δ arithmetic and the integrity checks of the aggregate step, on small result fixtures."""
+"""Result integrity in the aggregate step, and the input checks made before any GPU job."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from ablate.aggregate import ResultError, aggregate, write_csv
 from ablate.config import ConfigError
-from ablate.download import check_token
+from ablate.download import check_architecture, check_thinking_switch, check_token
 
 CONFIG = {
     "models": {"m": {"source": "embedded", "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}},
@@ -99,3 +99,17 @@ def test_missing_token_for_a_gated_model(monkeypatch, tmp_path):
         check_token("llama", spec)
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     check_token("llama", spec)
+
+
+def test_declared_shapes_and_thinking_switch_are_checked_against_the_checkpoint(embedded_dir):
+    spec = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "has_thinking": False}
+    check_architecture("smollm2", spec, embedded_dir)
+    check_thinking_switch("smollm2", spec, embedded_dir)
+    with pytest.raises(
+        ConfigError, match=r"models.smollm2.num_layers: config says 32, checkpoint has 30"
+    ):
+        check_architecture("smollm2", spec | {"num_layers": 32}, embedded_dir)
+    with pytest.raises(
+        ConfigError, match=r"models.smollm2.has_thinking: .* no enable_thinking switch"
+    ):
+        check_thinking_switch("smollm2", spec | {"has_thinking": True}, embedded_dir)
