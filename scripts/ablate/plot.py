@@ -47,8 +47,9 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
         )  # fmt: skip
         bottom.axhline(0, color="black", linewidth=0.6)
         metric = data["metric"].iloc[0]
-        top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=metric)
-        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {metric}")
+        name = metric.split(",")[0]  # the lm-eval filter goes in the title, not the axis
+        top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=name)
+        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {name}")
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
     fig.tight_layout()
     for path in out_paths:
