@@ -28,7 +28,7 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(
         2, len(panels), figsize=(4.2 * len(panels), 4.6), sharex="col", squeeze=False,
-        gridspec_kw={"height_ratios": [3, 2]},
+        gridspec_kw={"height_ratios": [3, 2]}, layout="constrained",
     )  # fmt: skip
     for column, panel in enumerate(panels):
         data = frame[frame["panel"] == panel]
@@ -50,8 +50,11 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
         name = metric.split(",")[0]  # the lm-eval filter goes in the title, not the axis
         top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=name)
         bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {name}")
+    if multi:  # one legend for all panels, below them, where long series names fit
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        axes[0, 0].get_legend().remove()
+        fig.legend(handles, labels, loc="outside lower center", frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
-    fig.tight_layout()
     for path in out_paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(
