@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,13 @@ CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*
 
 
 def check_token(model_id: str, spec: dict[str, Any]) -> None:
-    if spec.get("gated") and not (os.environ.get("HF_TOKEN") or _cached_token()):
+    from huggingface_hub import get_token  # HF_TOKEN or a cached `hf auth login`
+
+    if spec.get("gated") and not get_token():
         raise ConfigError(
             f"models.{model_id}: {spec['repo_id']} is gated: accept its licence on huggingface.co, "
             "then export HF_TOKEN=<your token> (or run `hf auth login`) and rerun"
         )
-
-
-def _cached_token() -> str | None:
-    from huggingface_hub import get_token
-
-    return get_token()
 
 
 def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:

@@ -111,10 +111,11 @@ def task_manager(task: dict[str, Any], data_dir: str):
     """
     from lm_eval.tasks import TaskManager
 
-    metadata = {"data_dir": data_dir}
-    if task.get("local", True):
-        return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
-    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=not task.get("local", True),
+        metadata={"data_dir": data_dir},
+    )
 
 
 def run_lm_eval(lm, job: Job, ablation: Ablation) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def add_sample_metrics(lm, output: dict[str, Any], task: dict[str, Any]) -> list
     """Add acc_ce to every multiple-choice sample and its mean to the results."""
     samples = [dict(s, task=name) for name, per_task in output["samples"].items() for s in per_task]
     results = output["results"][task["lm_eval_task"]]
-    if samples and isinstance(samples[0]["resps"][0][0], (list, tuple)):  # log-likelihood
+    if task["protocol"] == "loglikelihood":
         for sample in samples:
             lls = [resp[0][0] for resp in sample["resps"]]
             counts = [continuation_tokens(lm, *args) for args in sample["arguments"]]
