@@ -73,6 +73,13 @@ class Ablation:
             return range(self.layer + 1)
         return range(0)
 
+    @property
+    def first_layer(self) -> int | None:
+        """The lowest layer this ablation changes (None for base): layers below it run unablated."""
+        if self.kind == "base":
+            return None
+        return self.replaced_layers.start if self.replaced_layers else self.layer
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -1,12 +1,16 @@
 """Evaluate one model under a sequence of ablations with lm-eval, loading the model once.
 
-The model is wrapped once in lm-eval's ``HFLM``; each ablation is applied as a hook or weight swap
-around ``simple_evaluate`` and removed afterwards. Results are written atomically (temp file, then
-rename) so an interrupted job never leaves a file a later run would trust.
+The model is wrapped once in lm-eval's ``HFLM`` and the task objects are built once; each
+ablation is applied as a hook or weight swap around ``simple_evaluate`` and removed afterwards.
+For log-likelihood tasks with more than one ablation, :class:`ablate.sweep.PrefixSweep` answers
+lm-eval's requests instead, sharing the unablated layers below each ablation. Results are written
+atomically (temp file, then rename) so an interrupted job never leaves a file a later run would
+trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
@@ -21,6 +25,7 @@ import torch
 from ablate.ablations import Ablation, ablated, load_o_proj_weights
 from ablate.io import write_atomically
 from ablate.metrics import acc_ce, mean_and_stderr
+from ablate.sweep import PrefixSweep
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,6 +42,7 @@ class Job:
     seed: int = 1234
     source_dir: Path | None = None  # o_proj replacement source checkpoint
     cache_dir: Path | None = None  # lm-eval request caches, one per (model revision, ablation)
+    prefix_reuse: bool = True  # log-likelihood chunks share the layers below each ablation
 
     @property
     def model_revision(self) -> str | None:
@@ -79,14 +85,24 @@ def budget_hits(generated: torch.Tensor, eos_id: int | None, decode, stop: list[
 def build_lm(model, tokenizer, task: dict[str, Any]):
     from lm_eval.models.huggingface import HFLM
 
-    class BudgetCountingLM(HFLM):
-        """HFLM that counts generations which used their whole ``max_gen_toks``.
+    class AblationLM(HFLM):
+        """HFLM that counts generations which used their whole ``max_gen_toks`` and can take its
+        log-likelihoods from a :class:`PrefixSweep`.
 
-        Counted on the raw generation, before lm-eval strips a reasoning trace or a stop
-        sequence, so a trace cut off mid-thought is seen as cut off.
+        Budget hits are counted on the raw generation, before lm-eval strips a reasoning trace
+        or a stop sequence, so a trace cut off mid-thought is seen as cut off.
         """
 
         hit_budget = 0
+        prefix_sweep: PrefixSweep | None = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            if self.prefix_sweep is None:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            answers = self.prefix_sweep.answer([(tuple(c), tuple(o)) for _, c, o in requests])
+            for (request, _, _), answer in zip(requests, answers, strict=True):
+                self.cache_hook.add_partial("loglikelihood", request, answer)  # request cache
+            return answers
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             output = super()._model_generate(context, max_length, stop, **generation_kwargs)
@@ -94,7 +110,7 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
             self.hit_budget += budget_hits(generated, self.eot_token_id, self.tok_decode, stop)
             return output
 
-    return BudgetCountingLM(
+    return AblationLM(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=task.get("batch_size", 16),
@@ -118,7 +134,13 @@ def task_manager(task: dict[str, Any], data_dir: str):
     )
 
 
-def run_lm_eval(lm, job: Job, ablation: Ablation) -> dict[str, Any]:
+def load_task(manager, name: str) -> list:
+    """The task (or group of tasks) object, built once per job and re-evaluated per ablation."""
+    loaded = manager.load([name])
+    return [loaded["groups"].get(name) or loaded["tasks"][name]]
+
+
+def run_lm_eval(lm, job: Job, manager, tasks: list, ablation: Ablation) -> dict[str, Any]:
     import lm_eval
 
     task = job.task
@@ -128,13 +150,13 @@ def run_lm_eval(lm, job: Job, ablation: Ablation) -> dict[str, Any]:
     return lm_eval.simple_evaluate(
         model=lm,
         use_cache=cache,
-        tasks=[task["lm_eval_task"]],
+        tasks=tasks,
+        task_manager=manager,  # without one, lm-eval indexes its ~10k task files again
         num_fewshot=task.get("num_fewshot"),
         limit=task.get("limit"),
         gen_kwargs=task.get("gen_kwargs"),
         apply_chat_template=task.get("chat_template", False),
         fewshot_as_multiturn=task.get("chat_template", False),
-        task_manager=task_manager(task, job.data_dir),
         log_samples=True,
         bootstrap_iters=1000,  # mean metrics get lm-eval's closed-form stderr
         random_seed=job.seed,
@@ -219,17 +241,30 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
 
 
 def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
-    """Evaluate ``job`` once per (ablation, output folder), with one model load."""
+    """Evaluate ``job`` once per (ablation, output folder), with one model load and task build."""
     ablations = list(ablations)
     model, tokenizer = load_model(job.model_dir, job.model)
     lm = build_lm(model, tokenizer, job.task)
+    manager = task_manager(job.task, job.data_dir)
+    tasks = load_task(manager, job.task["lm_eval_task"])
     replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
     source = load_o_proj_weights(job.source_dir, replaced) if replaced else None
+    if job.prefix_reuse and job.task["protocol"] == "loglikelihood" and len(ablations) > 1:
+        lm.prefix_sweep = PrefixSweep(
+            model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
+        )
     for ablation, out_dir in ablations:
         start = time.perf_counter()
         lm.hit_budget = 0
-        with ablated(model, ablation, source):
-            output = run_lm_eval(lm, job, ablation)
+        if lm.prefix_sweep:  # the sweep applies each ablation to its own branch
+            lm.prefix_sweep.current = ablation
+            applied = contextlib.nullcontext()
+        else:
+            applied = ablated(model, ablation, source)
+        with applied:
+            output = run_lm_eval(lm, job, manager, tasks, ablation)
+        if lm.prefix_sweep:
+            lm.prefix_sweep.finish(ablation)
         samples = add_sample_metrics(lm, output, job.task)
         if job.task["protocol"] == "generate_until":
             output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget
