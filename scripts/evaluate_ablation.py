@@ -1,4 +1,4 @@
-"""Rule evaluate_ablation: one lm-eval evaluation of one model under one ablation."""
+"""Evaluation rules: one model under a chunk of ablations, one lm-eval evaluation per ablation."""
 
 import sys
 from pathlib import Path
@@ -20,5 +20,6 @@ with rule_log(snakemake.log[0], offline=True):  # noqa: F821
         cache_dir=Path(snakemake.params.cache_dir),  # noqa: F821
         **snakemake.params.job,  # noqa: F821
     )
-    out_dir = Path(snakemake.output.results).parent  # noqa: F821
-    evaluate(job, [(Ablation.parse(snakemake.wildcards.ablation), out_dir)])  # noqa: F821
+    # results/evaluate/<model>/<task>/<ablation>/results.json: the folder names the ablation.
+    folders = [Path(path).parent for path in snakemake.output.results]  # noqa: F821
+    evaluate(job, [(Ablation.parse(folder.name), folder) for folder in folders])

@@ -144,7 +144,7 @@ def test_schema_rejects_before_any_job(tmp_path, edit, message):
     result = dry_run(broken(edit), tmp_path, "fig5")
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
-    assert "evaluate_ablation" not in result.stdout
+    assert "evaluate_smollm2" not in result.stdout
 
 
 def test_cross_key_error_reaches_the_user_in_one_line(tmp_path):

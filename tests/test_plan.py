@@ -6,8 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ablate.plan import PRIOR_RATE, calibrated_rates, plan, planned_evaluations, total_row
+from ablate.plan import (
+    PRIOR_RATE,
+    calibrated_rates,
+    chunk_seconds,
+    plan,
+    planned_chunks,
+    total_row,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config.yaml"
@@ -16,39 +24,46 @@ DEMO = REPO / "workflow/config/demo.yaml"
 
 def test_paper_plan_counts_every_evaluation(tmp_path):
     rows = plan(["fig11", "fig13"], PAPER, tmp_path)
-    jobs = {row["figure"]: row["jobs"] for row in rows}
-    assert jobs == {"fig11": 37, "fig13": 33}  # 36 layers / 32 heads of layer 35, + baseline
+    # 36 layers / 32 heads of layer 35 in jobs of 8 units, plus the baseline's job
+    jobs = {row["figure"]: (row["jobs"], row["units"]) for row in rows}
+    assert jobs == {"fig11": (5 + 1, 36 + 1), "fig13": (4 + 1, 32 + 1)}
     assert all(row["gpus_per_job"] == 1 and row["rate"] == "prior" for row in rows)
     total = total_row(rows)
-    assert total["jobs"] == 37 + 33 - 1  # the two figures share Qwen3's GSM8K 1-shot baseline
+    # The two figures share Qwen3's GSM8K 1-shot baseline job: counted once.
+    assert (total["jobs"], total["units"]) == (10, 69)
+    config = yaml.safe_load(PAPER.read_text())
+    base = chunk_seconds(
+        config["models"]["qwen3_8b"], config["tasks"]["gsm8k_1shot"], ("base",), PRIOR_RATE
+    )
     assert total["gpu_hours"] == pytest.approx(
-        sum(r["gpu_hours"] for r in rows) * 69 / 70, rel=0.01
+        sum(r["gpu_hours"] for r in rows) - base / 3600, rel=0.01
     )
 
 
 def test_finished_evaluations_are_excluded(tmp_path):
-    before = planned_evaluations(["fig8"], DEMO, tmp_path)
-    assert len(before) == 10  # 9 heads + baseline
+    before = planned_chunks(["fig8"], DEMO, tmp_path)
+    assert sorted(len(chunk.ablations) for chunk in before) == [1, 1, 8]  # base; heads 0-7; 8
     # Inputs first, then the result: an up-to-date finished evaluation.
     for path in ("resources/models/smollm2/download.json", "resources/tasks/kv_retrieval.json",
-                 "results/evaluate/smollm2/kv_retrieval/head8.3/results.json",
-                 "results/evaluate/smollm2/kv_retrieval/head8.3/samples.jsonl"):  # fmt: skip
+                 "results/evaluate/smollm2/kv_retrieval/head8.8/results.json",
+                 "results/evaluate/smollm2/kv_retrieval/head8.8/samples.jsonl"):  # fmt: skip
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(json.dumps({}))
-    after = planned_evaluations(["fig8"], DEMO, tmp_path)
-    assert len(after) == 9
-    assert all(job.ablation != "head8.3" for job in after)
+    after = planned_chunks(["fig8"], DEMO, tmp_path)
+    assert sorted(after, key=str) == sorted(
+        (c for c in before if "head8.8" not in c.ablations), key=str
+    )
 
 
 def test_rates_are_calibrated_from_benchmarks(tmp_path):
-    import yaml
-
     config = yaml.safe_load(DEMO.read_text())
-    tsv = tmp_path / "smollm2" / "kv_retrieval" / "layer3.tsv"
+    tsv = tmp_path / "smollm2" / "kv_retrieval" / "layer0-layer7.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("s\th:m:s\n25.0\t0:00:25\n")
     rates = calibrated_rates(config, tmp_path)
     assert set(rates) == {("cpu", "prefill")}
-    # 6 docs x 400 tokens x 4 options x 0.135 B params in 25 s minus 5 s of start-up
-    assert rates[("cpu", "prefill")] == pytest.approx(20.0 / (6 * 400 * 4 * 0.135))
+    # Layers 0-7 of 30 with prefix reuse: the unablated model up to layer 7 once, then layers
+    # l..29 for each l: (7 + 30+29+...+23) / 30 = 7.3 full passes over 6 docs x 400 tokens x
+    # 4 options, 0.135 B params, in 25 s minus 5 s of start-up.
+    assert rates[("cpu", "prefill")] == pytest.approx(20.0 / (7.3 * 6 * 400 * 4 * 0.135))
     assert rates[("cpu", "prefill")] != PRIOR_RATE[("cpu", "prefill")]

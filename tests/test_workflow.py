@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,19 +97,20 @@ def test_recomputing_gives_byte_identical_csv(tiny_run):
     first = csv.read_bytes()
     # Drop the request caches so the evaluations really run again.
     shutil.rmtree(tiny_run / "results/cache")
-    result = snakemake(tiny_run, "tiny_layers", "--forcerun", "evaluate_ablation")
+    result = snakemake(tiny_run, "tiny_layers", "--forcerun", "evaluate_smollm2_kv_layer0")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert "Cached requests: 0" in (tiny_run / "logs/evaluate/smollm2/kv/layer0.log").read_text()
+    log = (tiny_run / "logs/evaluate/smollm2/kv/layer0-layer29.log").read_text()
+    assert "Cached requests: 0" in log
     assert csv.read_bytes() == first
 
 
-def test_only_missing_units_are_recomputed(tiny_run):
+def test_only_the_job_of_missing_units_is_recomputed(tiny_run):
     # As after a sweep where one job failed: its unit and the figure are missing.
     (tiny_run / "results/evaluate/smollm2/kv/layer29/results.json").unlink()
     (tiny_run / "results/aggregate/tiny_layers.csv").unlink()
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
-    jobs = [line for line in result.stdout.splitlines() if line.startswith("evaluate_ablation ")]
-    assert jobs and jobs[0].split()[-1] == "1", result.stdout[-2000:]
+    jobs = re.findall(r"^(evaluate_\w+) +(\d+)$", result.stdout, flags=re.MULTILINE)
+    assert set(jobs) == {("evaluate_smollm2_kv_layer0", "1")}, result.stdout[-2000:]
 
 
 def test_report_collects_the_figures(tiny_run):

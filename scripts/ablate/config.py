@@ -7,6 +7,7 @@ task's protocol produces) and expands each figure into the evaluation runs it ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,61 @@ def figure_evaluations(config: dict[str, Any], figure_id: str) -> list[tuple[str
         needed.add((run.model, run.task, run.ablation))
         needed.add((run.model, run.task, "base"))
     return sorted(needed)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Ablation units of one (model, task) evaluated by one job, with one model load."""
+
+    model: str
+    task: str
+    ablations: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """Rule name (also the SLURM job name): model, task and the chunk's first unit."""
+        first = re.sub(r"\W", "_", self.ablations[0])
+        return f"evaluate_{self.model}_{self.task}_{first}"
+
+    @property
+    def label(self) -> str:
+        """Log and benchmark file stem, e.g. ``layer0-layer7``."""
+        first, last = self.ablations[0], self.ablations[-1]
+        return first if first == last else f"{first}-{last}"
+
+    @property
+    def source(self) -> str | None:
+        return o_proj_source(self.ablations[0])
+
+
+def _unit_order(ablation_id: str) -> tuple:
+    from ablate.ablations import Ablation
+
+    ablation = Ablation.parse(ablation_id)
+    return ablation.kind, ablation.source or "", ablation.layer or 0, ablation.head or 0
+
+
+def evaluation_chunks(config: dict[str, Any]) -> list[Chunk]:
+    """Every unit any figure needs, once, split into jobs of ``evaluation.units_per_job``.
+
+    A chunk holds units of one ablation kind and o_proj source (head kinds: of one layer, which
+    share their whole prefix) in layer/head order, so a figure target pulls in only chunks of
+    its own sweep; the baseline is a chunk of its own. Chunks depend on the whole config, not on
+    the target, so a unit is always computed by the same job.
+    """
+    size = config.get("evaluation", {}).get("units_per_job", 1)
+    groups: dict[tuple, set[str]] = {}
+    for figure_id in config["figures"]:
+        for model, task, ablation in figure_evaluations(config, figure_id):
+            kind, source, layer, _ = _unit_order(ablation)
+            group = (model, task, kind, source, layer if kind in ("head", "kvgroup") else -1)
+            groups.setdefault(group, set()).add(ablation)
+    chunks = []
+    for (model, task, *_), ablations in sorted(groups.items()):
+        ordered = sorted(ablations, key=_unit_order)
+        for start in range(0, len(ordered), size):
+            chunks.append(Chunk(model, task, tuple(ordered[start : start + size])))
+    return chunks
 
 
 def o_proj_source(ablation_id: str) -> str | None:

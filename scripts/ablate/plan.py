@@ -3,8 +3,9 @@
     python -m ablate.plan fig11 [fig12 ...] [--configfile workflow/config/demo.yaml] [--directory .]
 
 The jobs are exactly those of ``snakemake -n`` for the same targets (finished jobs excluded). Each
-evaluation job is costed as processed tokens x model size x seconds per (token x billion params),
-one rate per (device, protocol). A rate is *calibrated* from the Snakemake benchmark TSVs of
+evaluation job (a chunk of ``evaluation.units_per_job`` units) is costed as processed tokens x model
+size x seconds per (token x billion params), one rate per (device, phase), with log-likelihood
+chunks charged only the layers the shared-prefix sweep runs. A rate is *calibrated* from the Snakemake benchmark TSVs of
 evaluations that already ran on that device, else it is a *prior* (stated in the table).
 """
 
@@ -15,11 +16,13 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ablate.ablations import Ablation
+from ablate.config import Chunk, evaluation_chunks, figure_evaluations
 
 # Documents per task when no prefetch record exists yet (full test/validation splits).
 KNOWN_DOCS = {
@@ -42,18 +45,11 @@ PRIOR_RATE = {
 JOB_OVERHEAD_S = {"cpu": 5.0, "cuda": 60.0}
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    model: str
-    task: str
-    ablation: str
-
-
 SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 
 
-def planned_evaluations(targets: list[str], configfile: Path, workdir: Path) -> list[Evaluation]:
-    """The evaluate_ablation jobs ``snakemake -n`` would run, parsed from its job listing."""
+def planned_chunks(targets: list[str], configfile: Path, workdir: Path) -> list[Chunk]:
+    """The evaluation jobs ``snakemake -n`` would run (one rule per chunk), from its listing."""
     command = [
         sys.executable, "-m", "snakemake", "-n", *targets, "--snakefile", str(SNAKEFILE),
         "--directory", str(workdir), "--configfile", str(configfile.resolve()),
@@ -61,17 +57,10 @@ def planned_evaluations(targets: list[str], configfile: Path, workdir: Path) -> 
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(result.stdout + result.stderr)
-    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", result.stdout)
-    evaluations = []
-    for block in blocks:
-        if block.startswith("rule evaluate_ablation:"):
-            wildcards = dict(
-                re.findall(r"(\w+)=([^,\s]+)", block.split("wildcards:")[1].split("\n")[0])
-            )
-            evaluations.append(
-                Evaluation(wildcards["model"], wildcards["task"], wildcards["ablation"])
-            )
-    return evaluations
+    config = yaml.safe_load(configfile.read_text())
+    by_rule = {chunk.name: chunk for chunk in evaluation_chunks(config)}
+    names = re.findall(r"^(?:local)?rule (\w+):", result.stdout, flags=re.MULTILINE)
+    return [by_rule[name] for name in names if name in by_rule]
 
 
 def device_kind(model: dict[str, Any]) -> str:
@@ -87,92 +76,107 @@ def tokens(task: dict[str, Any]) -> tuple[float, float]:
     return docs * PROMPT_TOKENS, docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
 
 
-def estimated_seconds(model: dict, task: dict, rates: dict) -> float:
-    """Wall seconds of one evaluation job: start-up plus prompt and generated tokens at ``rates``."""
+def forward_passes(
+    model: dict, task: dict, ablations: tuple[str, ...], prefix_reuse: bool
+) -> float:
+    """Full-model prompt passes a chunk costs. With prefix reuse (log-likelihood chunks), the
+    unablated model runs up to the highest first-changed layer once, and each unit runs only
+    from its first changed layer up (ablate.sweep)."""
+    if not (prefix_reuse and task["protocol"] == "loglikelihood" and len(ablations) > 1):
+        return float(len(ablations))
+    layers = model["num_layers"]
+    firsts = [Ablation.parse(a).first_layer for a in ablations]
+    firsts = [layers if first is None else first for first in firsts]
+    return (max(firsts) + sum(layers - first for first in firsts)) / layers
+
+
+def chunk_seconds(
+    model: dict, task: dict, ablations: tuple[str, ...], rates: dict, prefix_reuse: bool = True
+) -> float:
+    """Wall seconds of one evaluation job: start-up, then prompt and generated tokens at ``rates``."""
     device = device_kind(model)
     prompt, generated = tokens(task)
-    work = prompt * rates[(device, "prefill")] + generated * rates[(device, "decode")]
+    passes = forward_passes(model, task, ablations, prefix_reuse)
+    work = passes * prompt * rates[(device, "prefill")]
+    work += len(ablations) * generated * rates[(device, "decode")]
     return JOB_OVERHEAD_S[device] + work * model["params_b"]
 
 
 def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str, str], float]:
-    """Rates fitted to finished evaluations' benchmark TSVs: prefill from log-likelihood jobs,
-    then decode from generation jobs net of their (calibrated or prior) prefill."""
-    observed: dict[tuple[str, str], list[tuple[float, dict, dict]]] = defaultdict(list)
-    for model_id, model in config["models"].items():
-        for task_id, task in config["tasks"].items():
-            for tsv in (benchmarks / model_id / task_id).glob("*.tsv"):
-                wall = float(tsv.read_text().splitlines()[1].split("\t")[0])
-                phase = "prefill" if task["protocol"] == "loglikelihood" else "decode"
-                observed[(device_kind(model), phase)].append((wall, model, task))
-    rates: dict[tuple[str, str], float] = {}
+    """Rates fitted to finished jobs' benchmark TSVs (those of the config's current chunks):
+    prefill from log-likelihood jobs, then decode from generation jobs net of their prefill."""
+    reuse = config.get("evaluation", {}).get("prefix_reuse", True)
+    fitted: dict[tuple[str, str], list[float]] = defaultdict(list)
     for phase in ("prefill", "decode"):
-        for (device, seen_phase), runs in observed.items():
-            if seen_phase != phase:
+        for chunk in evaluation_chunks(config):
+            model, task = config["models"][chunk.model], config["tasks"][chunk.task]
+            tsv = benchmarks / chunk.model / chunk.task / f"{chunk.label}.tsv"
+            is_prefill = task["protocol"] == "loglikelihood"
+            if not tsv.exists() or is_prefill != (phase == "prefill"):
                 continue
-            fitted = []
-            for wall, model, task in runs:
-                prompt, generated = tokens(task)
-                net = wall - JOB_OVERHEAD_S[device]
-                if phase == "prefill":
-                    fitted.append(net / (prompt * model["params_b"]))
-                else:
-                    prefill = rates.get((device, "prefill"), PRIOR_RATE[(device, "prefill")])
-                    net -= prompt * model["params_b"] * prefill
-                    fitted.append(net / (generated * model["params_b"]))
-            rates[(device, phase)] = max(sum(fitted) / len(fitted), 0.0)
-    return rates
+            device = device_kind(model)
+            wall = float(tsv.read_text().splitlines()[1].split("\t")[0])
+            prompt, generated = tokens(task)
+            passes = forward_passes(model, task, chunk.ablations, reuse)
+            net = (wall - JOB_OVERHEAD_S[device]) / model["params_b"]
+            if phase == "prefill":
+                fitted[(device, phase)].append(net / (passes * prompt))
+            else:
+                prefill = fitted[(device, "prefill")]
+                rate = sum(prefill) / len(prefill) if prefill else PRIOR_RATE[(device, "prefill")]
+                net -= passes * prompt * rate
+                fitted[(device, phase)].append(net / (len(chunk.ablations) * generated))
+    return {key: max(sum(values) / len(values), 0.0) for key, values in fitted.items()}
 
 
 def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, Any]]:
-    """One row per (figure, model, task) of the evaluations still to run.
+    """One row per (figure, model, task) of the evaluation jobs still to run.
 
-    An evaluation two figures share (a common baseline) appears under both; ``total_row``
-    counts it once.
+    A job two figures share (a common baseline) appears under both; ``total_row`` counts it once.
     """
-    from ablate.config import figure_evaluations
-
     config = yaml.safe_load(configfile.read_text())
+    reuse = config.get("evaluation", {}).get("prefix_reuse", True)
     calibrated = calibrated_rates(config, workdir / "benchmarks" / "evaluate")
     rates = PRIOR_RATE | calibrated
-    planned = set(planned_evaluations(targets, configfile, workdir))
+    planned = planned_chunks(targets, configfile, workdir)
     figures = (
         list(config["figures"])
         if "all" in targets
         else [t for t in targets if t in config["figures"]]
     )
-    groups: dict[tuple, list[Evaluation]] = defaultdict(list)
+    groups: dict[tuple, list[Chunk]] = defaultdict(list)
     for figure in figures:
-        for evaluation in (Evaluation(*e) for e in figure_evaluations(config, figure)):
-            if evaluation in planned:
-                groups[(figure, evaluation.model, evaluation.task)].append(evaluation)
+        needed = set(figure_evaluations(config, figure))
+        for chunk in planned:
+            if any((chunk.model, chunk.task, a) in needed for a in chunk.ablations):
+                groups[(figure, chunk.model, chunk.task)].append(chunk)
     rows = []
-    for (figure, model_id, task_id), jobs in groups.items():
+    for (figure, model_id, task_id), chunks in groups.items():
         model, task = config["models"][model_id], config["tasks"][task_id]
         device = device_kind(model)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
-        per_job = estimated_seconds(model, task, rates)
-        hours = per_job * len(jobs) / 3600
+        seconds = {c: chunk_seconds(model, task, c.ablations, rates, reuse) for c in chunks}
+        hours = sum(seconds.values()) / 3600
         rows.append({
-            "figure": figure, "rule": "evaluate_ablation", "model": model_id, "task": task_id,
-            "jobs": len(jobs), "gpus_per_job": model.get("gpus", 0),
-            "minutes_per_job": round(per_job / 60, 1),
+            "figure": figure, "model": model_id, "task": task_id, "jobs": len(chunks),
+            "units": sum(len(c.ablations) for c in chunks), "gpus_per_job": model.get("gpus", 0),
+            "minutes_per_job": round(sum(seconds.values()) / len(chunks) / 60, 1),
             "gpu_hours": round(hours * model.get("gpus", 0), 2), "job_hours": round(hours, 2),
             "rate": "calibrated" if all((device, p) in calibrated for p in phases) else "prior",
-            "_jobs": jobs,
+            "_jobs": seconds,
         })  # fmt: skip
     return rows
 
 
 def total_row(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Jobs and hours over the union of the rows' evaluations (shared ones once)."""
-    cost: dict[Evaluation, tuple[float, float]] = {}
+    """Jobs and hours over the union of the rows' jobs (shared ones once)."""
+    cost: dict[Chunk, tuple[float, float]] = {}
     for row in rows:
-        per_job_hours = row["job_hours"] / row["jobs"]
-        for job in row["_jobs"]:
-            cost[job] = (per_job_hours * row["gpus_per_job"], per_job_hours)
+        for chunk, seconds in row["_jobs"].items():
+            cost[chunk] = (seconds / 3600 * row["gpus_per_job"], seconds / 3600)
     return {
         "jobs": len(cost),
+        "units": sum(len(chunk.ablations) for chunk in cost),
         "gpu_hours": sum(gpu for gpu, _ in cost.values()),
         "job_hours": sum(hours for _, hours in cost.values()),
     }
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(pd.DataFrame(rows).drop(columns="_jobs").to_string(index=False))
     total = total_row(rows)
-    print(f"\ntotal: {total['jobs']} evaluation jobs, {total['gpu_hours']:.1f} GPU-hours, "
+    print(f"\ntotal: {total['jobs']} evaluation jobs ({total['units']} units), "
+          f"{total['gpu_hours']:.1f} GPU-hours, "
           f"{total['job_hours']:.1f} job-hours; downloads, aggregation and plots run locally")  # fmt: skip
 
 

@@ -7,15 +7,14 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
-from ablate.ablations import ABLATION_PATTERN
 from ablate.config import (
     ConfigError,
     check_config,
+    evaluation_chunks,
     figure_evaluations,
-    o_proj_source,
     schema_error,
 )
-from ablate.plan import PRIOR_RATE, estimated_seconds
+from ablate.plan import PRIOR_RATE, chunk_seconds
 
 # One line naming the key before Snakemake's full report; then fill the schema's defaults.
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -44,20 +43,32 @@ wildcard_constraints:
     source=alternatives(config["models"]),
     task=alternatives(config["tasks"]),
     figure=alternatives(config["figures"]),
-    ablation=ABLATION_PATTERN,
 
 
 def model_marker(model):
     return rules.download_model.output.marker.format(model=model)
 
 
-def get_evaluation_models(wildcards):
-    """The evaluated model's checkpoint, plus the o_proj source's for replacement ablations."""
-    markers = {"model": model_marker(wildcards.model)}
-    source = o_proj_source(wildcards.ablation)
-    if source:
-        markers["source"] = model_marker(source)
-    return markers
+EVALUATION_FILE = "results/evaluate/{model}/{task}/{ablation}/{name}"
+
+
+def evaluation_file(model, task, ablation, name="results.json"):
+    return EVALUATION_FILE.format(model=model, task=task, ablation=ablation, name=name)
+
+
+def chunk_inputs(chunk):
+    """The evaluated model's checkpoint, the o_proj source's for replacement chunks, the task."""
+    inputs = {
+        "model": model_marker(chunk.model),
+        "task": rules.prefetch_task.output.marker.format(task=chunk.task),
+    }
+    if chunk.source:
+        inputs["source"] = model_marker(chunk.source)
+    return inputs
+
+
+def chunk_outputs(chunk, name):
+    return [evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ablations]
 
 
 def get_model_spec(wildcards):
@@ -72,20 +83,20 @@ def get_figure_spec(wildcards):
     return config["figures"][wildcards.figure]
 
 
-def get_evaluation_job(wildcards):
+def evaluation_job(chunk):
     return {
-        "model": config["models"][wildcards.model],
-        "task": config["tasks"][wildcards.task],
+        "model": config["models"][chunk.model],
+        "task": config["tasks"][chunk.task],
         "data_dir": config["data_dir"],
         "seed": config["seed"],
+        "prefix_reuse": config["evaluation"]["prefix_reuse"],
     }
 
 
 def get_figure_results(wildcards):
-    pattern = rules.evaluate_ablation.output.results
     return [
-        pattern.format(model=model, task=task, ablation=ablation)
-        for model, task, ablation in figure_evaluations(config, wildcards.figure)
+        evaluation_file(*evaluation)
+        for evaluation in figure_evaluations(config, wildcards.figure)
     ]
 
 
@@ -104,19 +115,21 @@ def get_all_figures():
     ]
 
 
-def get_eval_resources_gpu(wildcards):
-    return config["models"][wildcards.model]["gpus"]
-
-
-def get_eval_resources_mem_mb(wildcards, attempt):
+def chunk_mem_mb(chunk):
     """Weights (2 bytes/param in 16-bit, 4 in fp32) plus activations, doubled per retry."""
-    model = config["models"][wildcards.model]
+    model = config["models"][chunk.model]
     bytes_per_param = 4 if model["dtype"] == "float32" else 2
-    return int((model["params_b"] * bytes_per_param * 1.5 + 2) * 1024 * attempt)
+    megabytes = (model["params_b"] * bytes_per_param * 1.5 + 2) * 1024
+    return lambda wildcards, attempt: int(megabytes * attempt)
 
 
-def get_eval_runtime(wildcards, attempt):
+def chunk_runtime(chunk):
     """Minutes: three times the planner's prior estimate (ablate.plan), doubled per retry."""
-    model = config["models"][wildcards.model]
-    task = config["tasks"][wildcards.task]
-    return math.ceil(3 * estimated_seconds(model, task, PRIOR_RATE) / 60 + 5) * attempt
+    seconds = chunk_seconds(
+        config["models"][chunk.model],
+        config["tasks"][chunk.task],
+        chunk.ablations,
+        PRIOR_RATE,
+        config["evaluation"]["prefix_reuse"],
+    )
+    return lambda wildcards, attempt: math.ceil(3 * seconds / 60 + 5) * attempt

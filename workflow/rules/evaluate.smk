@@ -1,24 +1,29 @@
-rule evaluate_ablation:
-    input:
-        unpack(get_evaluation_models),
-        task=rules.prefetch_task.output.marker,
-    output:
-        results="results/evaluate/{model}/{task}/{ablation}/results.json",
-        samples="results/evaluate/{model}/{task}/{ablation}/samples.jsonl",
-    log:
-        "logs/evaluate/{model}/{task}/{ablation}.log",
-    benchmark:
-        "benchmarks/evaluate/{model}/{task}/{ablation}.tsv"
-    conda:
-        "../../envs/eval.yaml"
-    threads: 1
-    resources:
-        gpu=get_eval_resources_gpu,
-        mem_mb=get_eval_resources_mem_mb,
-        runtime=get_eval_runtime,
-    params:
-        job=get_evaluation_job,
-        # Outlives a killed job on purpose: the resubmission replays finished requests.
-        cache_dir="results/cache/{model}/{task}",
-    script:
-        "../../scripts/evaluate_ablation.py"
+# One job per chunk of `evaluation.units_per_job` ablation units of one (model, task): the model
+# is loaded once per job. Rules are generated from the config, one per chunk (ablate.config).
+for chunk in evaluation_chunks(config):
+
+    rule:
+        name:
+            chunk.name
+        input:
+            **chunk_inputs(chunk),
+        output:
+            results=chunk_outputs(chunk, "results.json"),
+            samples=chunk_outputs(chunk, "samples.jsonl"),
+        log:
+            f"logs/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.log",
+        benchmark:
+            f"benchmarks/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.tsv"
+        conda:
+            "../../envs/eval.yaml"
+        threads: 1
+        resources:
+            gpu=config["models"][chunk.model]["gpus"],
+            mem_mb=chunk_mem_mb(chunk),
+            runtime=chunk_runtime(chunk),
+        params:
+            job=evaluation_job(chunk),
+            # Outlives a killed job on purpose: the resubmission replays finished requests.
+            cache_dir=f"results/cache/{chunk.model}/{chunk.task}",
+        script:
+            "../../scripts/evaluate_ablation.py"
