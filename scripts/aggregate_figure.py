@@ -1,12 +1,16 @@
-"""Rule aggregate_figure: one tidy CSV of scores and Δs for a figure."""
+"""Rule aggregate_figure: one tidy CSV of scores, Δs and their statistics for a figure, and the
+provenance of every evaluation it uses."""
 
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from ablate.aggregate import aggregate, write_csv
+from ablate.aggregate import aggregate, provenance_table, write_csv
 from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
-    params = snakemake.params  # noqa: F821
-    frame = aggregate(params.config, snakemake.wildcards.figure, params.results_dir)  # noqa: F821
+    params, figure = snakemake.params, snakemake.wildcards.figure  # noqa: F821
+    frame = aggregate(params.config, figure, params.results_dir)
     write_csv(frame, snakemake.output.csv)  # noqa: F821
+    write_csv(
+        provenance_table(params.config, figure, params.results_dir), snakemake.output.provenance
+    )  # noqa: F821

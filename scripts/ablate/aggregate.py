@@ -1,4 +1,10 @@
-"""Turn per-ablation lm-eval results into one tidy CSV per figure, Δ against the baseline."""
+"""Turn per-ablation lm-eval results into one tidy CSV per figure, Δ against the baseline.
+
+Besides lm-eval's scores, every row carries the paired statistics of its Δ over the same
+documents (ablate.stats; Holm-corrected across all Δs of the figure) and, for layer-skip rows,
+the unablated model's layer-importance proxies (ablate.proxy) with their Spearman correlation
+to −Δ over the series.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,16 @@ import pandas as pd
 
 from ablate.config import Run, figure_runs
 from ablate.io import write_atomically
+from ablate.stats import holm, paired_delta, spearman
 
 COLUMNS = [
     "figure", "panel", "series", "model", "task", "metric", "ablation_kind", "layer", "head", "ablation",
     "score", "baseline", "delta", "stderr", "n_samples", "hit_budget", "model_revision",
+    "paired_stderr", "ci_low", "ci_high", "test", "p_value", "p_holm", "significant",
+    "block_influence", "angular_distance", "spearman_block_influence", "spearman_angular_distance",
 ]  # fmt: skip
+PROXIES = ("block_influence", "angular_distance")
+ALPHA = 0.05  # family-wise error rate of the Holm correction over one figure
 
 
 class ResultError(RuntimeError):
@@ -49,6 +60,19 @@ def read_result(path: Path) -> dict[str, Any]:
     return record
 
 
+def per_document(samples_path: Path, metric: str) -> pd.Series:
+    """One metric's per-document values from samples.jsonl, indexed by (task, doc_id)."""
+    name, flt = metric_key(metric).split(",")
+    values = {}
+    for line in samples_path.read_text().splitlines():
+        sample = json.loads(line)
+        if sample.get("filter", "none") == flt and name in sample:
+            values[(sample["task"], sample["doc_id"])] = float(sample[name])
+    if not values:
+        raise ResultError(f"{samples_path}: no per-document {name!r} under filter {flt!r}")
+    return pd.Series(values)
+
+
 def check_provenance(path: Path, record: dict, base_path: Path, base: dict) -> None:
     for key in PROVENANCE_KEYS:
         if record["provenance"].get(key) != base["provenance"].get(key):
@@ -74,6 +98,13 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     """Rows of the figure CSV; raises ResultError rather than leave a gap in the plot."""
     tasks = config["tasks"]
     cache: dict[Path, dict] = {}
+    documents: dict[tuple[Path, str], pd.Series] = {}
+
+    def docs(path: Path, metric: str) -> pd.Series:
+        key = (path.with_name("samples.jsonl"), metric)
+        if key not in documents:
+            documents[key] = per_document(*key)
+        return documents[key]
 
     def load(model: str, task: str, ablation: str) -> tuple[Path, dict]:
         path = result_path(results_dir, model, task, ablation)
@@ -96,6 +127,7 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
         value, stderr = score(record, lm_task, run.metric, path)
         baseline, _ = score(base, lm_task, run.metric, base_path)
         budget = record["results"][lm_task].get("hit_budget,none")
+        paired = paired_delta(docs(base_path, run.metric), docs(path, run.metric))
         rows.append(
             {
                 "figure": figure_id,
@@ -115,9 +147,49 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
                 "n_samples": record["n_docs"],
                 "hit_budget": budget,
                 "model_revision": record["provenance"]["model_revision"],
+                "paired_stderr": paired["stderr"],
+                "ci_low": paired["ci_low"],
+                "ci_high": paired["ci_high"],
+                "test": paired["test"],
+                "p_value": paired["p_value"],
             }
         )
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"head": "Int64", "hit_budget": "Int64"})
+    frame = pd.DataFrame(rows, columns=COLUMNS).astype({"head": "Int64", "hit_budget": "Int64"})
+    frame["p_holm"] = holm(frame["p_value"].to_numpy())
+    frame["significant"] = frame["p_holm"] < ALPHA
+    return add_proxies(frame, results_dir)
+
+
+def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
+    """Proxy values of each layer-skip row, and per (panel, series) their Spearman ρ with −Δ."""
+    for (model, task), rows in frame[frame["ablation_kind"] == "layer"].groupby(["model", "task"]):
+        path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
+        if not path.exists():
+            raise ResultError(f"{path}: missing (the baseline evaluation writes it)")
+        proxies = pd.read_csv(path).set_index("layer")
+        for name in PROXIES:
+            frame.loc[rows.index, name] = proxies.loc[rows["layer"], name].to_numpy()
+    for _, rows in frame[frame["ablation_kind"] == "layer"].groupby(["panel", "series"]):
+        for name in PROXIES:
+            frame.loc[rows.index, f"spearman_{name}"] = spearman(rows[name], -rows["delta"])
+    return frame
+
+
+def provenance_table(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.DataFrame:
+    """Provenance of every evaluation a figure uses, one row each."""
+    from ablate.config import figure_evaluations
+
+    rows = []
+    for model, task, ablation in figure_evaluations(config, figure_id):
+        meta = json.loads(result_path(results_dir, model, task, ablation).read_text())["provenance"]
+        rows.append({
+            "model": model, "task": task, "ablation": ablation, "repo": meta["model"],
+            "model_revision": meta["model_revision"], "dtype": meta["dtype"],
+            "device": meta["device"], "seed": meta["seed"], "limit": meta["limit"],
+            "num_fewshot": meta["num_fewshot"], "task_versions": json.dumps(meta["task_versions"]),
+            "packages": json.dumps(meta["packages"]), "eval_seconds": meta.get("eval_seconds"),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

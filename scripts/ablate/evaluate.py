@@ -11,6 +11,7 @@ trust.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import re
@@ -25,6 +26,7 @@ import torch
 from ablate.ablations import Ablation, ablated, load_o_proj_weights
 from ablate.io import write_atomically
 from ablate.metrics import acc_ce, mean_and_stderr
+from ablate.proxy import layer_proxies, prompt_batches
 from ablate.sweep import PrefixSweep
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -96,13 +98,23 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
         hit_budget = 0
         prefix_sweep: PrefixSweep | None = None
 
+        def loglikelihood(self, requests, disable_tqdm=False):
+            if self.prefix_sweep is None:
+                return super().loglikelihood(requests, disable_tqdm)
+            # Tokenize and score only what no earlier unit of this job has computed.
+            missing = self.prefix_sweep.missing([r.args for r in requests])
+            if missing:
+                super().loglikelihood([r for r in requests if r.args in missing], disable_tqdm)
+            answers = self.prefix_sweep.answers([r.args for r in requests])
+            for request, answer in zip(requests, answers, strict=True):
+                self.cache_hook.add_partial("loglikelihood", request.args, answer)  # request cache
+            return answers
+
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             if self.prefix_sweep is None:
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            answers = self.prefix_sweep.answer([(tuple(c), tuple(o)) for _, c, o in requests])
-            for (request, _, _), answer in zip(requests, answers, strict=True):
-                self.cache_hook.add_partial("loglikelihood", request, answer)  # request cache
-            return answers
+            self.prefix_sweep.compute(requests)
+            return self.prefix_sweep.answers([request for request, _, _ in requests])
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             output = super()._model_generate(context, max_length, stop, **generation_kwargs)
@@ -132,6 +144,28 @@ def task_manager(task: dict[str, Any], data_dir: str):
         include_defaults=not task.get("local", True),
         metadata={"data_dir": data_dir},
     )
+
+
+def amortize_lm_eval_overheads() -> None:
+    """Pay two fixed costs of lm-eval once per process instead of once per document or call.
+
+    lm-eval compiles a task's Jinja template for every document it renders (~1 ms each, seconds
+    per evaluation), and every ``simple_evaluate`` collects environment info by spawning
+    subprocesses (~0.6 s). Neither changes a score; a job evaluating many units pays them once.
+    """
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    compile_template = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
+    lm_eval.utils.apply_template = lambda template, doc: compile_template(template).render(**doc)
+    collect_env_info, env_info = lm_eval.evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict) -> None:
+        if not env_info:
+            collect_env_info(env_info)
+        storage.update(env_info)
+
+    lm_eval.evaluator.add_env_info = add_env_info
 
 
 def load_task(manager, name: str) -> list:
@@ -166,19 +200,23 @@ def run_lm_eval(lm, job: Job, manager, tasks: list, ablation: Ablation) -> dict[
     )
 
 
-def continuation_tokens(lm, context: str, continuation: str) -> int:
-    """Tokens lm-eval scores for ``continuation`` after ``context`` (its own encoding)."""
-    return len(lm._encode_pair(context, continuation)[1])
+def add_sample_metrics(
+    lm, output: dict[str, Any], task: dict[str, Any], lengths: dict[tuple[str, str], int]
+) -> list[dict]:
+    """Add acc_ce to every multiple-choice sample and its mean to the results.
 
-
-def add_sample_metrics(lm, output: dict[str, Any], task: dict[str, Any]) -> list[dict]:
-    """Add acc_ce to every multiple-choice sample and its mean to the results."""
+    ``lengths`` memoizes, across the units of a job, how many tokens lm-eval scores for each
+    (context, continuation) pair (its own encoding).
+    """
     samples = [dict(s, task=name) for name, per_task in output["samples"].items() for s in per_task]
     results = output["results"][task["lm_eval_task"]]
     if task["protocol"] == "loglikelihood":
         for sample in samples:
             lls = [resp[0][0] for resp in sample["resps"]]
-            counts = [continuation_tokens(lm, *args) for args in sample["arguments"]]
+            for args in map(tuple, sample["arguments"]):
+                if args not in lengths:
+                    lengths[args] = len(lm._encode_pair(*args)[1])
+            counts = [lengths[tuple(args)] for args in sample["arguments"]]
             sample["acc_ce"] = acc_ce(lls, counts, int(sample["target"]))
         mean, stderr = mean_and_stderr([s["acc_ce"] for s in samples])
         results["acc_ce,none"], results["acc_ce_stderr,none"] = mean, stderr
@@ -240,9 +278,19 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
     write_atomically(out_dir / "results.json", json.dumps(record, indent=1, default=str))
 
 
+def write_proxies(lm, samples: list[dict], out_dir: Path) -> None:
+    """Layer-importance proxies of the unablated model over the task's own prompts (each
+    document's context, as lm-eval built it), beside the baseline's results."""
+    contexts = list(dict.fromkeys(args[0] for s in samples for args in s["arguments"]))
+    batches = prompt_batches(lm.tokenizer, contexts, lm.batch_size, lm.max_length)
+    frame = layer_proxies(lm.model, batches)
+    write_atomically(out_dir / "proxies.csv", frame.to_csv(index=False, float_format="%.6f"))
+
+
 def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
     """Evaluate ``job`` once per (ablation, output folder), with one model load and task build."""
     ablations = list(ablations)
+    amortize_lm_eval_overheads()
     model, tokenizer = load_model(job.model_dir, job.model)
     lm = build_lm(model, tokenizer, job.task)
     manager = task_manager(job.task, job.data_dir)
@@ -253,6 +301,7 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
         lm.prefix_sweep = PrefixSweep(
             model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
         )
+    lengths: dict[tuple[str, str], int] = {}
     for ablation, out_dir in ablations:
         start = time.perf_counter()
         lm.hit_budget = 0
@@ -265,9 +314,11 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
             output = run_lm_eval(lm, job, manager, tasks, ablation)
         if lm.prefix_sweep:
             lm.prefix_sweep.finish(ablation)
-        samples = add_sample_metrics(lm, output, job.task)
+        samples = add_sample_metrics(lm, output, job.task, lengths)
         if job.task["protocol"] == "generate_until":
             output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget
         meta = provenance(job, ablation, output)
         meta["eval_seconds"] = round(time.perf_counter() - start, 2)
+        if ablation.kind == "base":
+            write_proxies(lm, samples, Path(out_dir))
         write_result(Path(out_dir), output, samples, meta)

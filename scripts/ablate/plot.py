@@ -1,5 +1,10 @@
 """Figures as the paper draws them: per panel, the ablated score per unit (line, with the
-unablated baseline dashed) above Δ = ablated − baseline (bars; negative = the unit mattered)."""
+unablated baseline dashed) above Δ = ablated − baseline (bars; negative = the unit mattered).
+
+Beyond the paper: each Δ bar carries its paired 95% interval and is drawn faded unless it is
+significant after the Holm correction; layer-skip figures get a third row with the unablated
+model's layer-importance proxies and their Spearman correlation with −Δ.
+"""
 
 from __future__ import annotations
 
@@ -12,49 +17,87 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_rgba
 
 SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
+FADED = 0.3  # bar opacity of a Δ that is not significant
+PROXY_LABELS = {"block_influence": "block influence", "angular_distance": "angular distance"}
 
 
 def unit_axis_label(kind: str) -> str:
     return {"head": "head", "kv_group": "KV group"}.get(kind, "layer")
 
 
+def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:
+    """Dodged Δ bars per series with 95% interval whiskers; faded when not significant."""
+    width = 0.8 / len(colors)
+    for index, (series, color) in enumerate(colors.items()):
+        rows = data[data["series"] == series]
+        x = rows["x"] + (index - (len(colors) - 1) / 2) * width
+        fill = [
+            to_rgba(color, 1.0 if significant else FADED) for significant in rows["significant"]
+        ]
+        ax.bar(x, rows["delta"], width=width, color=fill, edgecolor=color, linewidth=0.4)
+        whiskers = [rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]]
+        ax.errorbar(x, rows["delta"], yerr=whiskers, fmt="none", ecolor="black", elinewidth=0.5)
+    ax.axhline(0, color="black", linewidth=0.6)
+
+
+def proxy_lines(ax, data: pd.DataFrame) -> None:
+    """The layer proxies of each series' model and task, ρ with −Δ in the legend."""
+    for name, label in PROXY_LABELS.items():
+        for series, rows in data.groupby("series", sort=False):
+            rho = rows[f"spearman_{name}"].iloc[0]
+            suffix = f" ({series})" if data["series"].nunique() > 1 else ""
+            ax.plot(rows["x"], rows[name], marker=".", markersize=3, linewidth=1,
+                    label=f"{label}{suffix}, ρ(−Δ) = {rho:.2f}")  # fmt: skip
+    ax.legend(fontsize="x-small", frameon=False)
+
+
 def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_paths: list[Path]):
     # x is the head for head sweeps (one layer per panel), else the layer.
     frame = frame.assign(x=frame["head"].fillna(frame["layer"]).astype(int))
     panels = sorted(frame["panel"].unique())
-    multi = frame["series"].nunique() > 1
+    names = list(dict.fromkeys(frame["series"]))
+    multi = len(names) > 1
+    palette = sns.color_palette(n_colors=len(names)) if multi else [SCORE_COLOR]
+    score_colors = dict(zip(names, palette, strict=True))
+    delta_colors = score_colors if multi else {names[0]: DELTA_COLOR}
+    with_proxies = frame["block_influence"].notna().any()
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(
-        2, len(panels), figsize=(4.2 * len(panels), 4.6), sharex="col", squeeze=False,
-        gridspec_kw={"height_ratios": [3, 2]}, layout="constrained",
+        3 if with_proxies else 2, len(panels), figsize=(4.2 * len(panels), 6.4 if with_proxies else 4.6),
+        sharex="col", squeeze=False, layout="constrained",
+        gridspec_kw={"height_ratios": [3, 2, 1.6] if with_proxies else [3, 2]},
     )  # fmt: skip
     for column, panel in enumerate(panels):
         data = frame[frame["panel"] == panel]
-        top, bottom = axes[0, column], axes[1, column]
-        palette = None if multi else [SCORE_COLOR]
+        top, middle = axes[0, column], axes[1, column]
         sns.lineplot(
             data=data, x="x", y="score", hue="series", marker="o", markersize=3,
-            palette=palette, ax=top, legend=multi and column == 0,
+            palette=score_colors, ax=top, legend=multi and column == 0,
         )  # fmt: skip
         for _, base in data.groupby("series", sort=False)["baseline"].first().items():
             top.axhline(base, color="grey", linestyle="--", linewidth=0.8)
-        bar_palette = None if multi else [DELTA_COLOR]
-        sns.barplot(
-            data=data, x="x", y="delta", hue="series", palette=bar_palette, ax=bottom,
-            native_scale=True, legend=False,
-        )  # fmt: skip
-        bottom.axhline(0, color="black", linewidth=0.6)
+        delta_bars(middle, data, delta_colors)
         metric = data["metric"].iloc[0]
         name = metric.split(",")[0]  # the lm-eval filter goes in the title, not the axis
         top.set(title=panel_titles[panel] or metric, xlabel="", ylabel=name)
-        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]), ylabel=f"Δ {name}")
+        bottom = middle
+        if with_proxies:
+            bottom = axes[2, column]
+            proxy_lines(bottom, data[data["block_influence"].notna()])
+            bottom.set(ylabel="proxy")
+            middle.set(xlabel="")
+        middle.set(ylabel=f"Δ {name}")
+        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]))
     if multi:  # one legend for all panels, below them, where long series names fit
         handles, labels = axes[0, 0].get_legend_handles_labels()
         axes[0, 0].get_legend().remove()
         fig.legend(handles, labels, loc="outside lower center", frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
+    fig.text(0.005, 0.005, "Δ bars: 95% paired interval; faded = not significant (Holm, α = 0.05)",
+             fontsize="x-small", color="dimgrey")  # fmt: skip
     for path in out_paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(

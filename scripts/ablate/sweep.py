@@ -136,8 +136,9 @@ def sweep_loglikelihoods(
 
 @dataclass
 class PrefixSweep:
-    """Answers lm-eval's log-likelihood requests for the ablation being evaluated, computing them
-    for it and every later ablation of the job in one shared-prefix pass."""
+    """lm-eval log-likelihood answers for the ablation being evaluated; whatever it computes, it
+    computes for every later ablation of the job too, in one shared-prefix pass. Keyed by the
+    request's (context, continuation) strings, so later units skip tokenization as well."""
 
     model: Any
     ablations: list[Ablation]
@@ -146,22 +147,32 @@ class PrefixSweep:
     max_length: int
     softmax_dtype: torch.dtype | None = None
     current: Ablation | None = None
-    _answers: dict[str, dict[Request, Answer]] = field(default_factory=dict)
+    _answers: dict[str, dict[tuple[str, str], Answer]] = field(default_factory=dict)
 
-    def answer(self, requests: Sequence[Request]) -> list[Answer]:
+    def _known(self) -> dict[tuple[str, str], Answer]:
         assert self.current is not None, "set PrefixSweep.current before evaluating"
-        known = self._answers.setdefault(self.current.id, {})
-        missing = sorted({r for r in requests if r not in known})
-        if missing:
-            pending = self.ablations[self.ablations.index(self.current) :]
-            computed = sweep_loglikelihoods(
-                self.model, missing, pending, self.source_o_proj, self.batch_size,
-                self.max_length, self.softmax_dtype,
-            )  # fmt: skip
-            for ablation in pending:
-                new = zip(missing, computed[ablation.id], strict=True)
-                self._answers.setdefault(ablation.id, {}).update(new)
-        return [known[r] for r in requests]
+        return self._answers.setdefault(self.current.id, {})
+
+    def missing(self, requests: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        known = self._known()
+        return {request for request in requests if request not in known}
+
+    def compute(self, requests: Sequence[tuple[tuple[str, str], list[int], list[int]]]) -> None:
+        """Answer lm-eval's tokenized requests for the current and every later ablation."""
+        pending = self.ablations[self.ablations.index(self.current) :]
+        tokens = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+        computed = sweep_loglikelihoods(
+            self.model, tokens, pending, self.source_o_proj, self.batch_size, self.max_length,
+            self.softmax_dtype,
+        )  # fmt: skip
+        keys = [request for request, _, _ in requests]
+        for ablation in pending:
+            new = zip(keys, computed[ablation.id], strict=True)
+            self._answers.setdefault(ablation.id, {}).update(new)
+
+    def answers(self, requests: Sequence[tuple[str, str]]) -> list[Answer]:
+        known = self._known()
+        return [known[request] for request in requests]
 
     def finish(self, ablation: Ablation) -> None:
         """Drop an evaluated ablation's answers."""

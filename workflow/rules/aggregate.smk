@@ -2,7 +2,18 @@ rule aggregate_figure:
     input:
         get_figure_results,
     output:
-        csv="results/aggregate/{figure}.csv",
+        csv=report(
+            "results/aggregate/{figure}.csv",
+            caption="../report/figure_data.rst",
+            category="Figure data",
+            labels={"figure": "{figure}"},
+        ),
+        provenance=report(
+            "results/aggregate/{figure}.provenance.csv",
+            caption="../report/provenance.rst",
+            category="Provenance",
+            labels={"figure": "{figure}"},
+        ),
     log:
         "logs/aggregate/{figure}.log",
     conda:
@@ -12,3 +23,24 @@ rule aggregate_figure:
         results_dir="results/evaluate",
     script:
         "../../scripts/aggregate_figure.py"
+
+
+rule check_claims:
+    input:
+        csv=rules.aggregate_figure.output.csv,
+        claims=CLAIMS_FILE,
+    output:
+        csv=report(
+            "results/claims/{figure}.csv",
+            caption="../report/claims.rst",
+            category="Paper claims",
+            labels={"figure": "{figure}"},
+        ),
+    log:
+        "logs/claims/{figure}.log",
+    conda:
+        "../../envs/plot.yaml"
+    params:
+        models=get_figure_models,
+    script:
+        "../../scripts/check_claims.py"

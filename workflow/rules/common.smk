@@ -12,6 +12,7 @@ from ablate.config import (
     check_config,
     evaluation_chunks,
     figure_evaluations,
+    panel_series,
     schema_error,
 )
 from ablate.plan import PRIOR_RATE, chunk_seconds
@@ -67,8 +68,19 @@ def chunk_inputs(chunk):
     return inputs
 
 
-def chunk_outputs(chunk, name):
-    return [evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ablations]
+def chunk_outputs(chunk):
+    """Per unit: lm-eval's results and samples; the baseline also has the layer proxies."""
+    outputs = {
+        key: [
+            evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ablations
+        ]
+        for key, name in (("results", "results.json"), ("samples", "samples.jsonl"))
+    }
+    if chunk.ablations == ("base",):
+        outputs["proxies"] = evaluation_file(
+            chunk.model, chunk.task, "base", "proxies.csv"
+        )
+    return outputs
 
 
 def get_model_spec(wildcards):
@@ -100,11 +112,24 @@ def get_figure_results(wildcards):
     ]
 
 
+def get_figure_models(wildcards):
+    figure = config["figures"][wildcards.figure]
+    return sorted({series["model"] for _, _, series in panel_series(figure)})
+
+
+# The paper's claims (checked per figure); a config may name its own file (workdir-relative).
+CLAIMS_FILE = config["claims_file"] or str(
+    Path(workflow.basedir) / "workflow/config/claims.yaml"
+)
+
+
 def get_figure_files(figure_id):
     outputs = [
         rules.plot_figure.output.png,
         rules.plot_figure.output.pdf,
         rules.aggregate_figure.output.csv,
+        rules.aggregate_figure.output.provenance,
+        rules.check_claims.output.csv,
     ]
     return [pattern.format(figure=figure_id) for pattern in outputs]
 

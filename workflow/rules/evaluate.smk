@@ -8,8 +8,7 @@ for chunk in evaluation_chunks(config):
         input:
             **chunk_inputs(chunk),
         output:
-            results=chunk_outputs(chunk, "results.json"),
-            samples=chunk_outputs(chunk, "samples.jsonl"),
+            **chunk_outputs(chunk),
         log:
             f"logs/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.log",
         benchmark:

@@ -36,7 +36,8 @@ def interleave_subjects(dataset: datasets.Dataset) -> datasets.Dataset:
     """Round-robin over MMLU subjects so that a small ``limit`` still spans every subject."""
     rank: dict[str, int] = {}
     order = []
-    for index, subject in enumerate(dataset["subject"]):
+    # Read the column through Arrow: lm-eval re-processes the docs on every evaluation.
+    for index, subject in enumerate(dataset.data.column("subject").to_pylist()):
         order.append((rank.get(subject, 0), subject, index))
         rank[subject] = rank.get(subject, 0) + 1
     return dataset.select([index for _, _, index in sorted(order)])

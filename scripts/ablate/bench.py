@@ -1,0 +1,199 @@
+"""Benchmark: chunked evaluation jobs against one fresh lm-eval run per ablation unit.
+
+    python -m ablate.bench [--threads 2] [--out results/bench] [--only layer head ...]
+
+Each scenario evaluates its units twice on the embedded SmolLM2 (CPU, float32), side by side:
+
+* naive: one process per unit that loads the model, builds lm-eval's ``HFLM`` and the task, and
+  evaluates that one unit, which is what a one-job-per-layer pipeline does;
+* chunked: one process for all units (``evaluation.units_per_job`` = all), the model and the task
+  built once, log-likelihood units sharing the unablated prefix (ablate.sweep).
+
+It prints the wall-time ratio and the peak-RSS ratio (chunked job / largest naive job, i.e. one
+model's footprint) per scenario against its target, and checks every score is identical: the same
+metrics, the same per-document log-likelihoods within 1e-4, the same generations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL = {"source": "embedded", "params_b": 0.135, "num_layers": 30, "num_heads": 9,
+         "num_kv_heads": 3, "dtype": "float32", "device": "cpu"}  # fmt: skip
+# MMLU as the paper's figures 1-2 score it (answer letter); mmlu_local interleaves subjects, so
+# 228 documents are 4 questions from each of the 57 subjects.
+MMLU = {"lm_eval_task": "mmlu_local", "protocol": "loglikelihood", "limit": 228, "batch_size": 16}
+OPENBOOKQA = {"lm_eval_task": "openbookqa_local", "protocol": "loglikelihood", "limit": 50,
+              "batch_size": 16}  # fmt: skip
+GSM8K = {"lm_eval_task": "gsm8k_local", "protocol": "generate_until", "num_fewshot": 1,
+         "limit": 4, "batch_size": 4, "gen_kwargs": {"max_gen_toks": 32}}  # fmt: skip
+SOURCE = "noisy"  # o_proj source: the embedded model with seeded o_proj noise
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    task: dict[str, Any]
+    units: tuple[str, ...]
+    time_target: float | None  # chunked / naive wall time
+    memory_target: float = 1.2  # chunked peak RSS / one model's footprint
+
+
+SCENARIOS = {
+    "layer": Scenario("layer sweep, MMLU (228 docs), log-likelihood", MMLU,
+                      tuple(f"layer{layer}" for layer in range(30)), 0.5),
+    "head": Scenario("head sweep, last layer, MMLU (228 docs)", MMLU,
+                     tuple(f"head29.{head}" for head in range(9)), 0.15),
+    "generate": Scenario("layer sweep, GSM8K 1-shot generate-until (4 docs, 32 tokens)", GSM8K,
+                         tuple(f"layer{layer}" for layer in range(0, 30, 3)), 0.8),
+    "oproj": Scenario("o_proj replacement sweep, OpenBookQA (50 docs)", OPENBOOKQA,
+                      tuple(f"oproj{layer}_from_{SOURCE}" for layer in range(30)), None),
+}  # fmt: skip
+
+
+def checkpoint(folder: Path, o_proj_noise: float = 0.0) -> Path:
+    """The embedded model as a HF checkpoint, converted once."""
+    from ablate.embedded import convert_embedded
+
+    if not (folder / "model.safetensors").exists():
+        convert_embedded(folder, o_proj_noise=o_proj_noise)
+    return folder
+
+
+def run_worker(spec: dict[str, Any]) -> tuple[float, int]:
+    """Run one evaluation process; its wall seconds and peak RSS in bytes."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ablate.bench", "--worker", json.dumps(spec)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"worker failed: {process.stderr.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(spec: dict[str, Any]) -> None:
+    import torch
+
+    from ablate.ablations import Ablation
+    from ablate.evaluate import Job, evaluate
+
+    torch.set_num_threads(spec.pop("threads"))
+    out, units = Path(spec.pop("out")), spec.pop("units")
+    job = Job(
+        **{k: Path(v) if k.endswith("_dir") and k != "data_dir" else v for k, v in spec.items()}
+    )
+    evaluate(job, [(Ablation.parse(unit), out / unit) for unit in units])
+
+
+def read_unit(folder: Path) -> tuple[dict, list[dict]]:
+    results = json.loads((folder / "results.json").read_text())["results"]
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    return results, samples
+
+
+def same_scores(naive: Path, chunked: Path, units: tuple[str, ...]) -> list[str]:
+    """Differences between the two runs' scores (empty: identical)."""
+    problems = []
+    for unit in units:
+        (naive_results, naive_samples), (fast_results, fast_samples) = (
+            read_unit(naive / unit),
+            read_unit(chunked / unit),
+        )
+        for task, metrics in naive_results.items():
+            for key, value in metrics.items():
+                if "," in key and "stderr" not in key and fast_results[task].get(key) != value:
+                    problems.append(
+                        f"{unit} {task} {key}: {value} vs {fast_results[task].get(key)}"
+                    )
+        for slow, fast in zip(naive_samples, fast_samples, strict=True):
+            for slow_resp, fast_resp in zip(
+                slow["filtered_resps"], fast["filtered_resps"], strict=True
+            ):
+                if isinstance(slow_resp, list):  # [log-likelihood, is greedy]
+                    if abs(slow_resp[0] - fast_resp[0]) > 1e-4 or slow_resp[1] != fast_resp[1]:
+                        problems.append(f"{unit} doc {slow['doc_id']}: {slow_resp} vs {fast_resp}")
+                elif slow_resp != fast_resp:
+                    problems.append(f"{unit} doc {slow['doc_id']}: {slow_resp!r} vs {fast_resp!r}")
+    return problems
+
+
+def run_scenario(scenario: Scenario, base_spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    spec = base_spec | {"task": scenario.task}
+    naive_dir, chunked_dir = out / "naive", out / "chunked"
+    naive_wall, naive_rss = 0.0, 0
+    for unit in scenario.units:
+        wall, rss = run_worker(
+            spec | {"units": [unit], "out": str(naive_dir), "prefix_reuse": False}
+        )
+        naive_wall, naive_rss = naive_wall + wall, max(naive_rss, rss)
+    chunked_wall, chunked_rss = run_worker(
+        spec | {"units": list(scenario.units), "out": str(chunked_dir), "prefix_reuse": True}
+    )
+    problems = same_scores(naive_dir, chunked_dir, scenario.units)
+    time_ratio, memory_ratio = chunked_wall / naive_wall, chunked_rss / naive_rss
+    return {
+        "scenario": scenario.name,
+        "units": len(scenario.units),
+        "naive_s": round(naive_wall, 1),
+        "chunked_s": round(chunked_wall, 1),
+        "time_ratio": round(time_ratio, 3),
+        "time_target": scenario.time_target,
+        "naive_peak_mib": naive_rss // 2**20,
+        "chunked_peak_mib": chunked_rss // 2**20,
+        "memory_ratio": round(memory_ratio, 3),
+        "memory_target": scenario.memory_target,
+        "scores_identical": not problems,
+        "meets_targets": not problems
+        and (scenario.time_target is None or time_ratio <= scenario.time_target)
+        and memory_ratio <= scenario.memory_target,
+        "_problems": problems[:5],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    import pandas as pd
+
+    base_spec = {
+        "model_dir": str(checkpoint(args.out / "models" / "smollm2")),
+        "source_dir": str(checkpoint(args.out / "models" / SOURCE, o_proj_noise=0.5)),
+        "model": MODEL,
+        "data_dir": str(Path(args.data_dir).resolve()),
+        "threads": args.threads,
+    }
+    rows = []
+    for key in args.only:
+        row = run_scenario(SCENARIOS[key], base_spec, args.out / key)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "_problems"}), flush=True)
+        for problem in row["_problems"]:
+            print("  score differs:", problem)
+    table = pd.DataFrame(rows).drop(columns="_problems")
+    print("\n" + table.to_string(index=False))
+    table.to_csv(args.out / "bench.csv", index=False)
+    if not all(row["meets_targets"] for row in rows):
+        sys.exit("some scenario missed its target or changed a score (see the table)")
+
+
+if __name__ == "__main__":
+    main()

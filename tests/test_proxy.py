@@ -1,0 +1,77 @@
+"""Layer-importance proxies checked against hidden states computed directly, on the embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ablate.ablations import decoder_layers
+from ablate.proxy import layer_proxies, prompt_batches
+
+PROMPTS = [
+    "The capital of France is Paris. The capital of Italy is",
+    "2 + 2 =",
+    "Key: 7f3a. Value: banana. What is the value of key 7f3a?",
+]
+
+
+def direct_proxies(model, tokenizer) -> pd.DataFrame:
+    """Per-token cosines from ``output_hidden_states`` of each unpadded prompt.
+
+    ``hidden_states[l]`` is layer l's input and ``hidden_states[l + 1]`` its output, except for
+    the last layer, whose output HF returns after the final norm: that one comes from a hook.
+    """
+    layers = decoder_layers(model)
+    last_output = {}
+    handle = layers[-1].register_forward_hook(lambda m, a, out: last_output.update(h=out))
+    cosines = [[] for _ in layers]
+    try:
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                hidden = model(ids, output_hidden_states=True).hidden_states
+            outputs = [*hidden[1 : len(layers)], last_output["h"]]
+            for index, (h_in, h_out) in enumerate(zip(hidden[: len(layers)], outputs, strict=True)):
+                cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+                cosines[index].append(cos.flatten())
+    finally:
+        handle.remove()
+    cos = [torch.cat(values) for values in cosines]
+    return pd.DataFrame(
+        {
+            "layer": range(len(layers)),
+            "block_influence": [float(1 - c.mean()) for c in cos],
+            "angular_distance": [float(torch.arccos(c.clamp(-1, 1)).mean() / math.pi) for c in cos],
+        }
+    )
+
+
+def test_proxies_match_hidden_states(model, tokenizer):
+    proxies = layer_proxies(model, prompt_batches(tokenizer, PROMPTS, batch_size=1, max_length=64))
+    expected = direct_proxies(model, tokenizer)
+    assert list(proxies.columns) == ["layer", "block_influence", "angular_distance"]
+    assert len(proxies) == len(decoder_layers(model)) == 30
+    pd.testing.assert_frame_equal(proxies, expected, check_exact=False, rtol=0, atol=1e-5)
+    assert (proxies["block_influence"] > 0).all() and (proxies["angular_distance"] < 1).all()
+
+
+def test_padding_is_excluded(model, tokenizer):
+    (input_ids, attention_mask), *rest = prompt_batches(tokenizer, PROMPTS, 3, max_length=64)
+    assert not rest
+    lengths = attention_mask.sum(dim=1)
+    assert lengths.min() < input_ids.shape[1], "the batch must contain padding"
+    assert all(attention_mask[row, : int(n)].all() for row, n in enumerate(lengths))  # right-padded
+    padded = layer_proxies(model, [(input_ids, attention_mask)])
+    single = layer_proxies(model, prompt_batches(tokenizer, PROMPTS, 1, max_length=64))
+    pd.testing.assert_frame_equal(padded, single, check_exact=False, rtol=0, atol=1e-5)
+    unmasked = layer_proxies(model, [(input_ids, torch.ones_like(attention_mask))])
+    assert not np.allclose(unmasked["block_influence"], single["block_influence"], atol=1e-5)
+
+
+def test_prompt_batches_truncate(tokenizer):
+    batches = list(prompt_batches(tokenizer, PROMPTS, batch_size=2, max_length=4))
+    assert [ids.shape[0] for ids, _ in batches] == [2, 1]
+    assert all(ids.shape[1] <= 4 and mask.shape == ids.shape for ids, mask in batches)

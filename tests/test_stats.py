@@ -1,0 +1,96 @@
+"""Paired statistics and corrections against values computed by hand (in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablate.stats import benjamini_hochberg, holm, mcnemar_exact, paired_delta, spearman
+
+
+def docs(values: list[float], keys: list[int] | None = None) -> pd.Series:
+    keys = list(range(len(values))) if keys is None else keys
+    return pd.Series(values, index=pd.Index(keys, name="doc_id"), dtype=float)
+
+
+def test_paired_delta_binary_by_hand():
+    base = docs([1, 1, 1, 0, 1, 0])
+    # Same documents in another order: doc 5, 4, ..., 0 scored 1, 1, 0, 0, 1, 0 when ablated.
+    ablated = docs([1, 1, 0, 0, 1, 0], keys=[5, 4, 3, 2, 1, 0])
+    # d = ablated − base per doc 0..5 = [-1, 0, -1, 0, 0, 1]; mean = -1/6.
+    # Σd² = 3, SS = 3 − 6·(1/6)² = 17/6, var = 17/30, se = √(17/30)/√6 = 0.307318.
+    # Discordant: b (1→0) = docs 0, 2 = 2; c (0→1) = doc 5 = 1; p = 2·P(X ≤ 1; 3, ½) = 2·4/8 = 1.
+    result = paired_delta(base, ablated)
+    se = math.sqrt(17 / 30) / math.sqrt(6)
+    assert result["delta"] == pytest.approx(-1 / 6)
+    assert result["stderr"] == pytest.approx(se) == pytest.approx(0.307318, abs=1e-6)
+    assert result["ci_low"] == pytest.approx(-1 / 6 - 1.96 * se)
+    assert result["ci_high"] == pytest.approx(-1 / 6 + 1.96 * se)
+    assert (result["n"], result["p_value"], result["test"]) == (6, 1.0, "mcnemar_exact")
+
+
+def test_mcnemar_exact():
+    # b = 5, c = 0: p = 2·P(X ≤ 0; 5, ½) = 2/32 = 0.0625 (3 concordant docs do not count).
+    base = docs([1, 1, 1, 1, 1, 1, 0, 0])
+    ablated = docs([0, 0, 0, 0, 0, 1, 0, 0])
+    assert paired_delta(base, ablated)["p_value"] == pytest.approx(0.0625)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(1, 1) == 1.0  # 2·P(X ≤ 1; 2, ½) = 1.5, capped
+    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 0.109375
+
+
+def test_paired_test_significant_where_unpaired_is_not():
+    # Documents differ a lot in difficulty, the ablation costs each about 0.1.
+    base = docs([0.0, 0.25, 0.5, 0.75, 1.0])
+    ablated = docs([-0.1, 0.13, 0.42, 0.65, 0.9])
+    # Paired: d = [-0.1, -0.12, -0.08, -0.1, -0.1], Δ = -0.1, SS = 0.0008, var = 0.0002,
+    # se = √0.0002/√5 = 0.0063246, z = -15.8: p ≈ 3e-56.
+    paired = paired_delta(base, ablated)
+    assert paired["test"] == "paired_normal"
+    assert paired["delta"] == pytest.approx(-0.1)
+    assert paired["stderr"] == pytest.approx(math.sqrt(0.0002 / 5))
+    assert paired["p_value"] == pytest.approx(math.erfc(0.1 / math.sqrt(0.0002 / 5) / math.sqrt(2)))
+    assert paired["p_value"] < 0.05 and paired["ci_high"] < 0
+    # Unpaired two-sample z: var(base) = 0.625/4 = 0.15625, var(ablated) = 0.6358/4 = 0.15895,
+    # se = √((0.15625 + 0.15895)/5) = 0.25108, z = -0.398: p = 0.69.
+    unpaired_se = math.sqrt((base.var() + ablated.var()) / 5)
+    assert unpaired_se == pytest.approx(0.25108, abs=1e-5)
+    unpaired_p = math.erfc(abs(ablated.mean() - base.mean()) / unpaired_se / math.sqrt(2))
+    assert unpaired_p == pytest.approx(0.6905, abs=1e-3)
+    assert unpaired_p > 0.05
+
+
+def test_paired_delta_edge_cases():
+    same = paired_delta(docs([0.2, 0.7, 0.4]), docs([0.2, 0.7, 0.4]))
+    assert (same["delta"], same["stderr"], same["p_value"]) == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"missing from ablated \[3\], missing from base \[7\]"):
+        paired_delta(docs([1, 0, 1, 1]), docs([1, 0, 1, 0], keys=[0, 1, 2, 7]))
+    with pytest.raises(ValueError, match="duplicate document keys"):
+        paired_delta(docs([1, 0], keys=[0, 0]), docs([1, 0], keys=[0, 0]))
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    p = [0.01, math.nan, 0.04, 0.03, 0.005]
+    # m = 4 (NaN excluded); sorted 0.005, 0.01, 0.03, 0.04.
+    # Holm: 4·0.005 = 0.02, 3·0.01 = 0.03, 2·0.03 = 0.06, max(1·0.04, 0.06) = 0.06.
+    np.testing.assert_allclose(holm(p), [0.03, math.nan, 0.06, 0.06, 0.02])
+    # BH: 0.005·4/1 = 0.02, 0.01·4/2 = 0.02, 0.03·4/3 = 0.04, 0.04·4/4 = 0.04 (already monotone).
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.02, math.nan, 0.04, 0.04, 0.02])
+    # Capped at 1; BH: 0.5·2 = 1, then min(1, 0.6·2/2) = 0.6 for both.
+    np.testing.assert_allclose(holm([0.5, 0.6]), [1.0, 1.0])
+    np.testing.assert_allclose(benjamini_hochberg([0.5, 0.6]), [0.6, 0.6])
+    assert holm([]).shape == benjamini_hochberg([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm([1.5])
+
+
+def test_spearman():
+    # Ranks of y = [5, 6, 7, 8, 7]: [1, 2, 3.5, 5, 3.5]; centred x ranks [-2, -1, 0, 1, 2],
+    # centred y ranks [-2, -1, .5, 2, .5]: ρ = 8 / √(10·9.5) = 0.820783.
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair dropped
+    assert math.isnan(spearman([1, 2], [2, 1]))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
