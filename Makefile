@@ -6,7 +6,7 @@ DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig5 fig8 fig11
 CORES ?= 2
 
-.PHONY: setup demo demo-all test lint format clean
+.PHONY: setup demo demo-all report bench test lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,25 @@ $(BIN)/snakemake: requirements.txt pyproject.toml
 
 setup: $(BIN)/snakemake
 
-## demo: a layer sweep (KV retrieval), a GSM8K layer sweep and a head sweep on the embedded model
+## demo: a layer sweep (KV retrieval), a GSM8K layer sweep and a head sweep on the embedded model,
+## then the HTML report of what was built
 demo: setup
 	$(BIN)/snakemake $(DEMO_FIGURES) --configfile $(DEMO_CONFIG) --cores $(CORES)
+	$(MAKE) report TARGETS="$(DEMO_FIGURES)"
 
-## demo-all: all 22 paper figures on the embedded model
+## report: one self-contained HTML page (figures, CSVs, claims, provenance) for TARGETS
+TARGETS ?= $(DEMO_FIGURES)
+report: setup
+	$(BIN)/snakemake $(TARGETS) --configfile $(DEMO_CONFIG) --report results/report.html
+
+## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit (~40 min, CPU)
+bench: setup
+	$(BIN)/python -m ablate.bench
+
+## demo-all: all 22 paper figures on the embedded model, and their report
 demo-all: setup
 	$(BIN)/snakemake all --configfile $(DEMO_CONFIG) --cores $(CORES)
+	$(MAKE) report TARGETS=all
 
 test: setup lint
 	$(BIN)/pytest

