@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.ablations import Ablation, ablated, decoder_layers, load_o_proj_weights
 from ablate.io import write_atomically
 from ablate.metrics import acc_ce, mean_and_stderr
 from ablate.proxy import layer_proxies, prompt_batches
@@ -296,7 +296,13 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
     manager = task_manager(job.task, job.data_dir)
     tasks = load_task(manager, job.task["lm_eval_task"])
     replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
-    source = load_o_proj_weights(job.source_dir, replaced) if replaced else None
+    source = None
+    if replaced:  # moved next to the weights they replace once, not on every swap
+        targets = [layer.self_attn.o_proj.weight for layer in decoder_layers(model)]
+        source = {
+            index: weight.to(dtype=targets[index].dtype, device=targets[index].device)
+            for index, weight in load_o_proj_weights(job.source_dir, replaced).items()
+        }
     if job.prefix_reuse and job.task["protocol"] == "loglikelihood" and len(ablations) > 1:
         lm.prefix_sweep = PrefixSweep(
             model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
@@ -305,14 +311,14 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
     for ablation, out_dir in ablations:
         start = time.perf_counter()
         lm.hit_budget = 0
-        if lm.prefix_sweep:  # the sweep applies each ablation to its own branch
+        if lm.prefix_sweep is not None:  # the sweep applies each ablation to its own branch
             lm.prefix_sweep.current = ablation
             applied = contextlib.nullcontext()
         else:
             applied = ablated(model, ablation, source)
         with applied:
             output = run_lm_eval(lm, job, manager, tasks, ablation)
-        if lm.prefix_sweep:
+        if lm.prefix_sweep is not None:
             lm.prefix_sweep.finish(ablation)
         samples = add_sample_metrics(lm, output, job.task, lengths)
         if job.task["protocol"] == "generate_until":
