@@ -48,18 +48,18 @@ def test_figure_through_slurm(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     frame = pd.read_csv(tmp_path / "results/aggregate/tiny_layers.csv")
-    assert len(frame) == 4 and frame["score"].between(0, 1).all()
+    assert len(frame) == 6 and frame["score"].between(0, 1).all()
     assert (tmp_path / "results/figures/tiny_layers.png").stat().st_size > 10_000
-    # The three evaluations (base, layer0, layer29) ran as SLURM jobs, each given a GPU;
-    # downloads, aggregation and plots stayed on the submit host.
+    # Two evaluation jobs ran on SLURM, each given a GPU: the baseline, and the chunk of the three
+    # layers (rule evaluate_smollm2_kv_layer0); downloads, aggregation, claims and plots stayed
+    # on the submit host.
     listing = subprocess.run(
         ["squeue", "--states=all", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True
     ).stdout
     jobs = [line.split("|") for line in listing.splitlines() if line.endswith(f"|{tmp_path}")]
-    assert sorted(comment.rsplit("_", 1)[-1] for _, _, comment, _ in jobs) == [
-        "base",
-        "layer0",
-        "layer29",
+    assert sorted(comment for _, _, comment, _ in jobs) == [
+        "rule_evaluate_smollm2_kv_base",
+        "rule_evaluate_smollm2_kv_layer0",
     ]
     assert all(state == "COMPLETED" for _, state, _, _ in jobs)
     for job_id, *_ in jobs:
@@ -68,4 +68,4 @@ def test_figure_through_slurm(tmp_path):
         )
         assert "TresPerJob=gres:gpu:1" in details.stdout
     completed = JOBCOMP.read_text().count("JobState=COMPLETED") - completed_before
-    assert completed == 3
+    assert completed == 2
