@@ -5,7 +5,10 @@
 The jobs are exactly those of ``snakemake -n`` for the same targets (finished jobs excluded). Each
 evaluation job (a chunk of ``evaluation.units_per_job`` units) is costed as processed tokens x model
 size x seconds per (token x billion params), one rate per (device, phase), with log-likelihood
-chunks charged only the layers the shared-prefix sweep runs. A rate is *calibrated* from the Snakemake benchmark TSVs of
+chunks charged only the layers the shared-prefix sweep runs. The total also says what one job per
+unit would cost. Measured by ``make bench`` (SmolLM2, CPU): a 30-layer log-likelihood sweep as
+one job takes 0.36x the time of one job per layer, a last-layer head sweep 0.12x, a generate-until
+layer sweep 0.35x, with identical scores. A rate is *calibrated* from the Snakemake benchmark TSVs of
 evaluations that already ran on that device, else it is a *prior* (stated in the table).
 """
 
@@ -156,6 +159,9 @@ def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, 
         device = device_kind(model)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
         seconds = {c: chunk_seconds(model, task, c.ablations, rates, reuse) for c in chunks}
+        per_unit = {
+            c: sum(chunk_seconds(model, task, (a,), rates) for a in c.ablations) for c in chunks
+        }
         hours = sum(seconds.values()) / 3600
         rows.append({
             "figure": figure, "model": model_id, "task": task_id, "jobs": len(chunks),
@@ -163,22 +169,28 @@ def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, 
             "minutes_per_job": round(sum(seconds.values()) / len(chunks) / 60, 1),
             "gpu_hours": round(hours * model.get("gpus", 0), 2), "job_hours": round(hours, 2),
             "rate": "calibrated" if all((device, p) in calibrated for p in phases) else "prior",
-            "_jobs": seconds,
+            "_jobs": seconds, "_per_unit": per_unit,
         })  # fmt: skip
     return rows
 
 
 def total_row(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Jobs and hours over the union of the rows' jobs (shared ones once)."""
-    cost: dict[Chunk, tuple[float, float]] = {}
+    cost: dict[Chunk, tuple[float, float, float]] = {}
     for row in rows:
         for chunk, seconds in row["_jobs"].items():
-            cost[chunk] = (seconds / 3600 * row["gpus_per_job"], seconds / 3600)
+            gpus = row["gpus_per_job"]
+            cost[chunk] = (
+                seconds / 3600 * gpus,
+                seconds / 3600,
+                row["_per_unit"][chunk] / 3600 * gpus,
+            )
     return {
         "jobs": len(cost),
         "units": sum(len(chunk.ablations) for chunk in cost),
-        "gpu_hours": sum(gpu for gpu, _ in cost.values()),
-        "job_hours": sum(hours for _, hours in cost.values()),
+        "gpu_hours": sum(gpu for gpu, _, _ in cost.values()),
+        "job_hours": sum(hours for _, hours, _ in cost.values()),
+        "gpu_hours_one_job_per_unit": sum(naive for _, _, naive in cost.values()),
     }
 
 
@@ -194,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         print("nothing to run: every evaluation of these targets is already done")
         return
-    print(pd.DataFrame(rows).drop(columns="_jobs").to_string(index=False))
+    print(pd.DataFrame(rows).drop(columns=["_jobs", "_per_unit"]).to_string(index=False))
     total = total_row(rows)
     print(f"\ntotal: {total['jobs']} evaluation jobs ({total['units']} units), "
           f"{total['gpu_hours']:.1f} GPU-hours, "
-          f"{total['job_hours']:.1f} job-hours; downloads, aggregation and plots run locally")  # fmt: skip
+          f"{total['job_hours']:.1f} job-hours (one job per unit without prefix reuse: "
+          f"{total['gpu_hours_one_job_per_unit']:.1f} GPU-hours); downloads, aggregation, claims "
+          "and plots run locally")  # fmt: skip
 
 
 if __name__ == "__main__":
