@@ -8,9 +8,6 @@ from ablate.aggregate import aggregate, provenance_table, write_csv
 from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
-    params, figure = snakemake.params, snakemake.wildcards.figure  # noqa: F821
-    frame = aggregate(params.config, figure, params.results_dir)
-    write_csv(frame, snakemake.output.csv)  # noqa: F821
-    write_csv(
-        provenance_table(params.config, figure, params.results_dir), snakemake.output.provenance
-    )  # noqa: F821
+    params, figure, output = snakemake.params, snakemake.wildcards.figure, snakemake.output  # noqa: F821
+    write_csv(aggregate(params.config, figure, params.results_dir), output.csv)
+    write_csv(provenance_table(params.config, figure, params.results_dir), output.provenance)
