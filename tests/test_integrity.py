@@ -33,8 +33,15 @@ def write_unit(root: Path, ablation: str, correct: list[int], **provenance) -> P
         "provenance": {**PROVENANCE, **provenance},
     }
     (folder / "results.json").write_text(json.dumps(record))
-    samples = [{"task": "lmt", "doc_id": i, "acc": c} for i, c in enumerate(correct)]
+    samples = [
+        {"task": "lmt", "doc_id": i, "filter": "none", "acc": c, "acc_ce": 1 - c}
+        for i, c in enumerate(correct)
+    ]
     (folder / "samples.jsonl").write_text("\n".join(map(json.dumps, samples)) + "\n")
+    if ablation == "base":
+        (folder / "proxies.csv").write_text(
+            "layer,block_influence,angular_distance\n0,0.5,0.3\n1,0.1,0.1\n"
+        )
     return folder
 
 

@@ -32,6 +32,7 @@ localrules:
     download_model,
     prefetch_task,
     aggregate_figure,
+    check_claims,
     plot_figure,
 
 
