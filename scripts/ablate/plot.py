@@ -21,6 +21,7 @@ from matplotlib.colors import to_rgba
 
 SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
 FADED = 0.3  # bar opacity of a Δ that is not significant
+SIGNIFICANCE_NOTE = "whiskers: 95% paired interval; faded: not significant (Holm, α = 0.05)"
 PROXY_LABELS = {"block_influence": "block influence", "angular_distance": "angular distance"}
 
 
@@ -90,14 +91,13 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
             bottom.set(ylabel="proxy")
             middle.set(xlabel="")
         middle.set(ylabel=f"Δ {name}")
+        middle.set_title(SIGNIFICANCE_NOTE, fontsize="x-small", color="dimgrey")
         bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]))
     if multi:  # one legend for all panels, below them, where long series names fit
         handles, labels = axes[0, 0].get_legend_handles_labels()
         axes[0, 0].get_legend().remove()
         fig.legend(handles, labels, loc="outside lower center", frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
-    fig.text(0.005, 0.005, "Δ bars: 95% paired interval; faded = not significant (Holm, α = 0.05)",
-             fontsize="x-small", color="dimgrey")  # fmt: skip
     for path in out_paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(
