@@ -73,11 +73,11 @@ class Ablation:
             return range(self.layer + 1)
         return range(0)
 
-    @property
-    def first_layer(self) -> int | None:
-        """The lowest layer this ablation changes (None for base): layers below it run unablated."""
+    def first_changed_layer(self, num_layers: int) -> int:
+        """The lowest layer this ablation changes (``num_layers`` for base, which changes none):
+        layers below it run exactly as in the unablated model."""
         if self.kind == "base":
-            return None
+            return num_layers
         return self.replaced_layers.start if self.replaced_layers else self.layer
 
 

@@ -52,7 +52,8 @@ def read_result(path: Path) -> dict[str, Any]:
     samples = path.with_name("samples.jsonl")
     if not samples.exists():
         raise ResultError(f"{samples}: missing beside {path.name}")
-    docs = {(s["task"], s["doc_id"]) for s in map(json.loads, samples.read_text().splitlines())}
+    record["samples"] = [json.loads(line) for line in samples.read_text().splitlines()]
+    docs = {(s["task"], s["doc_id"]) for s in record["samples"]}
     expected = sum(count["effective"] for count in record["n_samples"].values())
     if len(docs) != expected:
         raise ResultError(f"{samples}: {len(docs)} documents, lm-eval evaluated {expected}")
@@ -60,16 +61,18 @@ def read_result(path: Path) -> dict[str, Any]:
     return record
 
 
-def per_document(samples_path: Path, metric: str) -> pd.Series:
-    """One metric's per-document values from samples.jsonl, indexed by (task, doc_id)."""
+def per_document(record: dict[str, Any], metric: str, path: Path) -> pd.Series:
+    """One metric's per-document values from a result's samples, indexed by (task, doc_id)."""
     name, flt = metric_key(metric).split(",")
-    values = {}
-    for line in samples_path.read_text().splitlines():
-        sample = json.loads(line)
-        if sample.get("filter", "none") == flt and name in sample:
-            values[(sample["task"], sample["doc_id"])] = float(sample[name])
+    values = {
+        (sample["task"], sample["doc_id"]): float(sample[name])
+        for sample in record["samples"]
+        if sample.get("filter", "none") == flt and name in sample
+    }
     if not values:
-        raise ResultError(f"{samples_path}: no per-document {name!r} under filter {flt!r}")
+        raise ResultError(
+            f"{path.with_name('samples.jsonl')}: no per-document {name!r} under filter {flt!r}"
+        )
     return pd.Series(values)
 
 
@@ -98,13 +101,6 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     """Rows of the figure CSV; raises ResultError rather than leave a gap in the plot."""
     tasks = config["tasks"]
     cache: dict[Path, dict] = {}
-    documents: dict[tuple[Path, str], pd.Series] = {}
-
-    def docs(path: Path, metric: str) -> pd.Series:
-        key = (path.with_name("samples.jsonl"), metric)
-        if key not in documents:
-            documents[key] = per_document(*key)
-        return documents[key]
 
     def load(model: str, task: str, ablation: str) -> tuple[Path, dict]:
         path = result_path(results_dir, model, task, ablation)
@@ -127,7 +123,9 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
         value, stderr = score(record, lm_task, run.metric, path)
         baseline, _ = score(base, lm_task, run.metric, base_path)
         budget = record["results"][lm_task].get("hit_budget,none")
-        paired = paired_delta(docs(base_path, run.metric), docs(path, run.metric))
+        paired = paired_delta(
+            per_document(base, run.metric, base_path), per_document(record, run.metric, path)
+        )
         rows.append(
             {
                 "figure": figure_id,

@@ -88,8 +88,7 @@ def forward_passes(
     if not (prefix_reuse and task["protocol"] == "loglikelihood" and len(ablations) > 1):
         return float(len(ablations))
     layers = model["num_layers"]
-    firsts = [Ablation.parse(a).first_layer for a in ablations]
-    firsts = [layers if first is None else first for first in firsts]
+    firsts = [Ablation.parse(a).first_changed_layer(layers) for a in ablations]
     return (max(firsts) + sum(layers - first for first in firsts)) / layers
 
 

@@ -105,9 +105,7 @@ def sweep_loglikelihoods(
         requests_of[tokens].append(index)
     unique = sorted(requests_of, key=lambda tokens: (-len(tokens), tokens))
     # Branch in order of first changed layer; base (no changed layer) branches off at the top.
-    branches = sorted(
-        ablations, key=lambda a: len(layers) if a.first_layer is None else a.first_layer
-    )
+    branches = sorted((a.first_changed_layer(len(layers)), a.id, a) for a in ablations)
     answers: dict[str, list[Answer | None]] = {a.id: [None] * len(requests) for a in ablations}
     device = model.get_input_embeddings().weight.device
     for start in range(0, len(unique), batch_size):
@@ -122,8 +120,7 @@ def sweep_loglikelihoods(
                 owners.append(index)
         hidden, kwargs = first_layer_inputs(model, input_ids.to(device))
         reached = 0
-        for ablation in branches:
-            first = len(layers) if ablation.first_layer is None else ablation.first_layer
+        for first, _, ablation in branches:
             hidden = run_layers(layers, hidden, reached, first, kwargs)
             reached = first
             with ablated(model, ablation, source_o_proj):
