@@ -12,13 +12,18 @@ An ablation is named by a short id that is also its results folder:
 ===========================  ==================================================================
 
 Layer and head indices are 0-based, as in ``model.model.layers[i]``.
+
+Every ablation also has an exact weight-edit form (:func:`weight_edits`), for engines where hooks
+cannot reach the forward pass (vLLM): a skipped layer's ``o_proj`` and ``down_proj`` are zeroed
+(with no biases the block then adds exactly 0 to the residual stream), a silenced head's
+``o_proj`` input columns are zeroed, a replaced ``o_proj`` is the source's tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,20 +153,106 @@ def o_proj_key(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.o_proj.weight"
 
 
-def load_o_proj_weights(checkpoint_dir: Path, layers: range) -> dict[int, torch.Tensor]:
-    """Read only the o_proj tensors of ``layers`` from a safetensors checkpoint (no full model)."""
+def down_proj_key(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+@dataclass(frozen=True)
+class WeightEdit:
+    """One checkpoint tensor an ablation changes: zeroed whole, zeroed in its input columns
+    ``columns`` (start, stop), or replaced by the source model's tensor of the same name."""
+
+    key: str
+    columns: tuple[int, int] | None = None
+    from_source: bool = False
+
+    @property
+    def module(self) -> str:
+        return self.key.removesuffix(".weight")
+
+    def apply(self, original: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The edited tensor (a new one; ``original`` is left as it was)."""
+        if self.from_source:
+            if source is None or source.shape != original.shape:
+                shape = None if source is None else tuple(source.shape)
+                raise ValueError(f"{self.key}: source tensor {shape}, {tuple(original.shape)} here")
+            return source.to(dtype=original.dtype, device=original.device).clone()
+        if self.columns is None:
+            return torch.zeros_like(original)
+        edited = original.clone()
+        edited[:, self.columns[0] : self.columns[1]] = 0
+        return edited
+
+
+def weight_edits(ablation: Ablation, arch: Architecture) -> list[WeightEdit]:
+    """The exact weight-edit form of ``ablation`` (empty for the baseline)."""
+    arch.check(ablation)
+    if ablation.kind == "layer":
+        return [WeightEdit(o_proj_key(ablation.layer)), WeightEdit(down_proj_key(ablation.layer))]
+    if ablation.kind in ("head", "kvgroup"):
+        heads = arch.silenced_heads(ablation)
+        columns = (heads.start * arch.head_dim, heads.stop * arch.head_dim)
+        return [WeightEdit(o_proj_key(ablation.layer), columns=columns)]
+    return [WeightEdit(o_proj_key(layer), from_source=True) for layer in ablation.replaced_layers]
+
+
+def check_weight_edits_exact(model: nn.Module, edits: list[WeightEdit]) -> None:
+    """Raise ValueError unless every edited module is a bias-free linear map, the condition
+    under which zeroing its weight removes its whole contribution."""
+    for edit in edits:
+        try:
+            module = model.get_submodule(edit.module)
+        except AttributeError:
+            raise ValueError(
+                f"{type(model).__name__} has no module {edit.module}: weight-edit ablations "
+                "need LLaMA-style self_attn.o_proj and mlp.down_proj (use backend: hf)"
+            ) from None
+        if not isinstance(module, nn.Linear) or module.bias is not None:
+            raise ValueError(
+                f"{edit.module} is not a bias-free linear layer, so zeroing its weight is not an "
+                "exact ablation (use backend: hf, whose hooks are exact)"
+            )
+
+
+@contextlib.contextmanager
+def weight_edited(
+    model: nn.Module, ablation: Ablation, source: Mapping[str, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Apply ``ablation`` as weight edits for the duration of the block; the original tensors
+    are put back on exit (bit-identical). ``source``: checkpoint key -> tensor, for o_proj kinds."""
+    edits = weight_edits(ablation, Architecture.from_config(model.config))
+    check_weight_edits_exact(model, edits)
+    originals: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        for edit in edits:
+            weight = model.get_submodule(edit.module).weight
+            replacement = (source or {}).get(edit.key)
+            originals.append((weight, weight.data))
+            weight.data = edit.apply(weight.data, replacement)
+        yield
+    finally:
+        for weight, original in originals:
+            weight.data = original
+
+
+def load_tensors(checkpoint_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors from a safetensors checkpoint (no full model)."""
     from safetensors import safe_open
 
-    wanted = {o_proj_key(layer): layer for layer in layers}
-    found: dict[int, torch.Tensor] = {}
+    wanted, found = set(keys), {}
     for shard in sorted(Path(checkpoint_dir).glob("*.safetensors")):
         with safe_open(shard, framework="pt") as handle:
-            for key in wanted.keys() & set(handle.keys()):
-                found[wanted[key]] = handle.get_tensor(key)
-    missing = sorted(set(layers) - found.keys())
-    if missing:
-        raise ValueError(f"{checkpoint_dir}: no o_proj weight for layers {missing}")
+            for key in wanted & set(handle.keys()):
+                found[key] = handle.get_tensor(key)
+    if missing := sorted(wanted - found.keys()):
+        raise ValueError(f"{checkpoint_dir}: no tensor {', '.join(missing)}")
     return found
+
+
+def load_o_proj_weights(checkpoint_dir: Path, layers: range) -> dict[int, torch.Tensor]:
+    """The o_proj weights of ``layers`` from a safetensors checkpoint, by layer."""
+    tensors = load_tensors(checkpoint_dir, map(o_proj_key, layers))
+    return {layer: tensors[o_proj_key(layer)] for layer in layers}
 
 
 def _skip_layer(module, args, kwargs, output):

