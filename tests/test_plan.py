@@ -61,9 +61,9 @@ def test_rates_are_calibrated_from_benchmarks(tmp_path):
     tsv.parent.mkdir(parents=True)
     tsv.write_text("s\th:m:s\n25.0\t0:00:25\n")
     rates = calibrated_rates(config, tmp_path)
-    assert set(rates) == {("cpu", "prefill")}
+    assert set(rates) == {("cpu", "hf", "prefill")}
     # Layers 0-7 of 30 with prefix reuse: the unablated model up to layer 7 once, then layers
     # l..29 for each l: (7 + 30+29+...+23) / 30 = 7.3 full passes over 6 docs x 400 tokens x
     # 4 options, 0.135 B params, in 25 s minus 5 s of start-up.
-    assert rates[("cpu", "prefill")] == pytest.approx(20.0 / (7.3 * 6 * 400 * 4 * 0.135))
-    assert rates[("cpu", "prefill")] != PRIOR_RATE[("cpu", "prefill")]
+    assert rates[("cpu", "hf", "prefill")] == pytest.approx(20.0 / (7.3 * 6 * 400 * 4 * 0.135))
+    assert rates[("cpu", "hf", "prefill")] != PRIOR_RATE[("cpu", "hf", "prefill")]

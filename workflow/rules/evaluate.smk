@@ -1,5 +1,6 @@
 # One job per chunk of `evaluation.units_per_job` ablation units of one (model, task): the model
-# is loaded once per job. Rules are generated from the config, one per chunk (ablate.config).
+# is loaded once per job (backend vllm: one engine per job, run in the vLLM environment).
+# Rules are generated from the config, one per chunk (ablate.config).
 for chunk in evaluation_chunks(config):
 
     rule:
@@ -14,7 +15,7 @@ for chunk in evaluation_chunks(config):
         benchmark:
             f"benchmarks/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.tsv"
         conda:
-            "../../envs/eval.yaml"
+            chunk_env(chunk)
         threads: 1
         resources:
             gpu=config["models"][chunk.model]["gpus"],
