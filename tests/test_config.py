@@ -107,6 +107,15 @@ CASES = {
         ),
         r"kind: kv_group needs grouped-query attention, but model smollm2 has 9 query and 9 KV heads",
     ),
+    "vllm for log-likelihood": (
+        lambda c: c["tasks"]["kv_retrieval"].update(backend="vllm"),
+        r"tasks.kv_retrieval.backend: vllm runs generate-until tasks only, and task kv_retrieval is loglikelihood \(allowed: hf\)",
+    ),
+    "two backends for one task": (
+        lambda c: c["figures"]["fig13"].update(backend="vllm"),
+        r"figures.fig13.backend: vllm for model smollm2 on task gsm8k_1shot, but "
+        r"tasks.gsm8k_1shot.backend gives it hf \(allowed: hf; or define a second task\)",
+    ),
 }
 
 
@@ -128,6 +137,10 @@ def test_cross_key_errors_name_the_key(case):
             lambda c: c["tasks"]["kv_retrieval"].update(protocol="perplexity"),
             "tasks.kv_retrieval.protocol: 'perplexity' is not one of ['loglikelihood', "
             "'generate_until'] (allowed: loglikelihood, generate_until)",
+        ),
+        (
+            lambda c: c["tasks"]["gsm8k_1shot"].update(backend="sglang"),
+            "tasks.gsm8k_1shot.backend: 'sglang' is not one of ['hf', 'vllm'] (allowed: hf, vllm)",
         ),
         (
             lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
@@ -162,3 +175,13 @@ def test_demo_dry_run_plans_every_figure(tmp_path):
     assert result.returncode == 0, result.stderr
     for figure in figures:
         assert f"rule {figure}:\n" in result.stdout
+
+
+def test_backend_comes_from_the_figure_else_the_task():
+    from ablate.config import evaluation_chunks
+
+    config = broken(lambda c: c["figures"]["fig12"].update(backend="vllm"))
+    config["tasks"]["gsm8k_cot"]["backend"] = "vllm"
+    backends = {(c.task, c.backend) for c in evaluation_chunks(config)}
+    assert {("gsm8k_4shot", "vllm"), ("gsm8k_cot", "vllm"), ("gsm8k_1shot", "hf")} <= backends
+    assert ("kv_retrieval", "hf") in backends

@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO.parent / "shared" / "data").resolve()
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm/bin/python")).absolute()
-UNITS = ["base", "layer13", "layer29", "head7.4", "oproj3_from_smollm2_noisy"]
+UNITS = ["base", "layer13", "layer29", "head2.4", "oproj3_from_smollm2_noisy"]
 
 pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.exists() and not os.environ.get("CI"),
