@@ -67,3 +67,20 @@ def test_rates_are_calibrated_from_benchmarks(tmp_path):
     # 4 options, 0.135 B params, in 25 s minus 5 s of start-up.
     assert rates[("cpu", "hf", "prefill")] == pytest.approx(20.0 / (7.3 * 6 * 400 * 4 * 0.135))
     assert rates[("cpu", "hf", "prefill")] != PRIOR_RATE[("cpu", "hf", "prefill")]
+
+
+def test_plan_costs_both_backends(tmp_path):
+    """A generate-until figure on vllm: its row says what it costs there and on hf, and the hf
+    cost is what the same figure plans on hf."""
+    config = yaml.safe_load(PAPER.read_text())
+    config["tasks"]["gsm8k_1shot"]["backend"] = "vllm"
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    [on_hf] = plan(["fig11"], PAPER, tmp_path)
+    [on_vllm] = plan(["fig11"], configfile, tmp_path)
+    assert (on_hf["backend"], on_vllm["backend"]) == ("hf", "vllm")
+    assert on_vllm["gpu_hours_other_backend"] == pytest.approx(on_hf["gpu_hours"], abs=0.01)
+    assert on_hf["gpu_hours_other_backend"] == pytest.approx(on_vllm["gpu_hours"], abs=0.01)
+    assert on_vllm["gpu_hours"] < on_hf["gpu_hours"]
+    [loglikelihood] = plan(["fig5"], PAPER, tmp_path)
+    assert loglikelihood["gpu_hours_other_backend"] is None

