@@ -9,7 +9,8 @@ log-likelihood chunks charged only the layers the shared-prefix sweep runs. Both
 costed: each generate-until row also says what it would cost on the other one (hf <-> vllm). The
 total also says what one job per unit would cost. Measured by ``make bench`` (SmolLM2, CPU): a 30-layer log-likelihood sweep as
 one job takes 0.36x the time of one job per layer, a last-layer head sweep 0.12x, a generate-until
-layer sweep 0.35x, with identical scores. A rate is *calibrated* from the Snakemake benchmark TSVs of
+layer sweep 0.35x, and a chunk of 8 generate-until layers on the vLLM backend 0.22x the HF
+backend's time, with identical scores. A rate is *calibrated* from the Snakemake benchmark TSVs of
 evaluations that already ran on that device and backend, else it is a *prior* (stated in the table).
 """
 
