@@ -69,6 +69,26 @@ def test_rates_are_calibrated_from_benchmarks(tmp_path):
     assert rates[("cpu", "hf", "prefill")] != PRIOR_RATE[("cpu", "hf", "prefill")]
 
 
+def test_vllm_decode_is_calibrated_net_of_its_own_prefill(tmp_path):
+    config = yaml.safe_load(DEMO.read_text())
+    config["tasks"]["gsm8k_1shot"]["backend"] = "vllm"
+    for chunk, seconds in (
+        ("kv_retrieval/layer0-layer7", 25.0),
+        ("gsm8k_1shot/layer0-layer7", 100.0),
+    ):
+        tsv = tmp_path / "smollm2" / f"{chunk}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        tsv.write_text(f"s\th:m:s\n{seconds}\t0:01:40\n")
+    rates = calibrated_rates(config, tmp_path)
+    assert set(rates) == {("cpu", "hf", "prefill"), ("cpu", "vllm", "decode")}
+    # 8 units x 4 docs x 400 prompt tokens at vllm's prefill prior (not hf's calibrated rate),
+    # then 8 x 4 docs x 48 generated tokens, in 100 s minus 35 s of engine start-up.
+    prefill = 8 * 4 * 400 * PRIOR_RATE[("cpu", "vllm", "prefill")] * 0.135
+    assert rates[("cpu", "vllm", "decode")] == pytest.approx(
+        (65.0 - prefill) / 0.135 / (8 * 4 * 48)
+    )
+
+
 def test_plan_costs_both_backends(tmp_path):
     """A generate-until figure on vllm: its row says what it costs there and on hf, and the hf
     cost is what the same figure plans on hf."""

@@ -126,7 +126,7 @@ def chunk_seconds(
 def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str, ...], float]:
     """Rates fitted to finished jobs' benchmark TSVs (those of the config's current chunks):
     prefill from log-likelihood jobs, then decode from generation jobs net of their prefill
-    (vllm runs no log-likelihood jobs: its prompts are charged at the hf prefill rate)."""
+    at their backend's prefill rate (vllm runs no log-likelihood jobs: its prior)."""
     reuse = config.get("evaluation", {}).get("prefix_reuse", True)
     fitted: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for phase in ("prefill", "decode"):
@@ -144,7 +144,7 @@ def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> dict[tuple[str
             if phase == "prefill":
                 fitted[(device, chunk.backend, phase)].append(net / (passes * prompt))
             else:
-                prefill = fitted.get((device, "hf", "prefill"))
+                prefill = fitted.get((device, chunk.backend, "prefill"))
                 prior = PRIOR_RATE[(device, chunk.backend, "prefill")]
                 net -= passes * prompt * (sum(prefill) / len(prefill) if prefill else prior)
                 fitted[(device, chunk.backend, phase)].append(
