@@ -303,25 +303,12 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
     write_atomically(out_dir / "results.json", json.dumps(record, indent=1, default=str))
 
 
-def write_proxies(job: Job, samples: list[dict], out_dir: Path, lm) -> None:
-    """Layer-importance proxies of the unablated model over the task's own prompts (each
-    document's context, as lm-eval built it), beside the baseline's results.
-
-    They need hidden states: the vLLM backend frees its engine and loads the HF model for them
-    (the baseline is a job of its own)."""
+def write_proxies(
+    model, tokenizer, samples: list[dict], out_dir: Path, batch_size: int, max_length: int
+) -> None:
+    """Layer-importance proxies of the unablated HF ``model`` over the task's own prompts (each
+    document's context, as lm-eval built it), beside the baseline's results."""
     contexts = list(dict.fromkeys(args[0] for s in samples for args in s["arguments"]))
-    if job.backend == "vllm":
-        lm.model.llm_engine.engine_core.shutdown()
-        model, tokenizer = load_model(job.model_dir, job.model)
-        batch_size = job.task.get("batch_size", 16)
-        max_length = job.task.get("max_length") or lm.max_length
-    else:
-        model, tokenizer, batch_size, max_length = (
-            lm.model,
-            lm.tokenizer,
-            lm.batch_size,
-            lm.max_length,
-        )
     frame = layer_proxies(model, prompt_batches(tokenizer, contexts, batch_size, max_length))
     write_atomically(out_dir / "proxies.csv", frame.to_csv(index=False, float_format="%.6f"))
 
@@ -331,10 +318,12 @@ def evaluate_units(
     job: Job,
     ablations: list[tuple[Ablation, Path]],
     applied: Callable[[Ablation], AbstractContextManager],
+    unablated_hf_model: Callable[[], tuple[Any, Any]],
 ) -> None:
     """One lm-eval evaluation of ``lm`` per (ablation, output folder), inside ``applied(ablation)``;
-    the baseline's folder also gets the layer proxies, after every unit (the vLLM backend frees
-    its engine for them). Shared by both backends."""
+    the baseline's folder also gets the layer proxies, after every unit, from the (model,
+    tokenizer) ``unablated_hf_model()`` returns (proxies need hidden states; the vLLM backend
+    frees its engine and loads one). Shared by both backends."""
     amortize_lm_eval_overheads()
     manager = task_manager(job.task, job.data_dir)
     tasks = load_task(manager, job.task["lm_eval_task"])
@@ -354,7 +343,9 @@ def evaluate_units(
         if ablation.kind == "base":
             baseline = samples, Path(out_dir)
     if baseline is not None:
-        write_proxies(job, *baseline, lm)
+        model, tokenizer = unablated_hf_model()
+        batch_size = job.task.get("batch_size", 16)
+        write_proxies(model, tokenizer, *baseline, batch_size, lm.max_length)
 
 
 def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
@@ -388,7 +379,7 @@ def evaluate(job: Job, ablations: Iterable[tuple[Ablation, Path]]) -> None:
         yield
         lm.prefix_sweep.finish(ablation)
 
-    evaluate_units(lm, job, ablations, applied)
+    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer))
 
 
 def run_vllm_job(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:

