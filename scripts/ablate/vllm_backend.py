@@ -211,6 +211,8 @@ def build_lm(job) -> Any:
     engine = dict(job.vllm.get("engine_args") or {})
     if model.get("gpus", 1) > 1:
         engine.setdefault("tensor_parallel_size", model["gpus"])
+    if task.get("max_length"):  # the task's context cap, as HFLM's max_length on hf
+        engine["max_model_len"] = task["max_length"]
     return AblationVLLM(
         pretrained=str(job.model_dir),
         dtype=model.get("dtype", "float32"),
