@@ -52,6 +52,29 @@ def test_paper_figures_plan_the_right_evaluations(figure, evaluations):
     assert len(figure_evaluations(PAPER, figure)) == evaluations
 
 
+@pytest.mark.parametrize("figure", ["fig13", "fig16", "fig17", "fig18"])
+def test_paper_head_figures_plot_kv_groups_per_query_head(figure):
+    """The paper's "head h" zeroes h's KV group: 32 points from 8 group evaluations, beside 32
+    single query heads (Qwen3-8B / R1-Distill: 4 query heads per KV head)."""
+    runs = figure_runs(PAPER, figure)
+    paper = [run for run in runs if run.kind == "paper_head"]
+    single = [run for run in runs if run.kind == "head"]
+    layer = paper[0].layer
+    assert [run.head for run in paper] == [run.head for run in single] == list(range(32))
+    assert [run.ablation for run in paper] == [f"kvgroup{layer}.{h // 4}" for h in range(32)]
+    assert [run.ablation for run in single] == [f"head{layer}.{h}" for h in range(32)]
+    assert len(figure_evaluations(PAPER, figure)) == 8 + 32 + 1
+
+
+def test_paper_head_without_gqa_is_the_single_head():
+    config = copy.deepcopy(PAPER)
+    config["figures"]["fig8"]["ablation"]["kind"] = "paper_head"
+    check_config(config)  # LLaMA-1: 32 KV heads, no kv_group, yet paper_head is allowed
+    assert [run.ablation for run in figure_runs(config, "fig8")] == [
+        f"head8.{h}" for h in range(32)
+    ]
+
+
 def test_o_proj_runs_compare_against_the_target_model():
     runs = figure_runs(PAPER, "fig21")
     assert {run.model for run in runs} == {"r1_distill_llama8b"}
@@ -70,7 +93,7 @@ def broken(edit) -> dict:
 CASES = {
     "unknown model": (
         lambda c: c["figures"]["fig5"]["series"][0].update(model="gpt5"),
-        r"figures.fig5.panels\[0\].series.SmolLM2-135M.model: unknown model 'gpt5' \(allowed: smollm2, smollm2_noisy_oproj\)",
+        r"figures.fig5.panels\[0\].series.SmolLM2-135M \(KV 3 pairs, paper 10\).model: unknown model 'gpt5' \(allowed: smollm2, smollm2_noisy_oproj\)",
     ),
     "unknown task": (
         lambda c: c["figures"]["fig5"]["series"][0].update(task="squad"),
@@ -144,7 +167,7 @@ def test_cross_key_errors_name_the_key(case):
         ),
         (
             lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
-            "(allowed: layer, head, kv_group, oproj, oproj_cumulative)",
+            "(allowed: layer, head, kv_group, paper_head, oproj, oproj_cumulative)",
         ),
         (
             lambda c: c["models"]["smollm2"].update(dtyp="bfloat16"),

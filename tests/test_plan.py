@@ -24,13 +24,14 @@ DEMO = REPO / "workflow/config/demo.yaml"
 
 def test_paper_plan_counts_every_evaluation(tmp_path):
     rows = plan(["fig11", "fig13"], PAPER, tmp_path)
-    # 36 layers / 32 heads of layer 35 in jobs of 8 units, plus the baseline's job
+    # 36 layers; the 32 single heads of layer 35 and its 8 KV groups (the paper's head pruning),
+    # in jobs of 8 units, plus the baseline's job
     jobs = {row["figure"]: (row["jobs"], row["units"]) for row in rows}
-    assert jobs == {"fig11": (5 + 1, 36 + 1), "fig13": (4 + 1, 32 + 1)}
+    assert jobs == {"fig11": (5 + 1, 36 + 1), "fig13": (4 + 1 + 1, 32 + 8 + 1)}
     assert all(row["gpus_per_job"] == 1 and row["rate"] == "prior" for row in rows)
     total = total_row(rows)
     # The two figures share Qwen3's GSM8K 1-shot baseline job: counted once.
-    assert (total["jobs"], total["units"]) == (10, 69)
+    assert (total["jobs"], total["units"]) == (11, 77)
     config = yaml.safe_load(PAPER.read_text())
     base = chunk_seconds(
         config["models"]["qwen3_8b"], config["tasks"]["gsm8k_1shot"], ("base",), PRIOR_RATE

@@ -36,6 +36,8 @@ MODEL = {"source": "embedded", "params_b": 0.135, "num_layers": 30, "num_heads":
 # MMLU as the paper's figures 1-2 score it (answer letter); mmlu_local interleaves subjects, so
 # 228 documents are 4 questions from each of the 57 subjects.
 MMLU = {"lm_eval_task": "mmlu_local", "protocol": "loglikelihood", "limit": 228, "batch_size": 16}
+HELLASWAG = {"lm_eval_task": "hellaswag_local", "protocol": "loglikelihood", "limit": 100,
+             "batch_size": 16}  # fmt: skip
 OPENBOOKQA = {"lm_eval_task": "openbookqa_local", "protocol": "loglikelihood", "limit": 50,
               "batch_size": 16}  # fmt: skip
 GSM8K = {"lm_eval_task": "gsm8k_local", "protocol": "generate_until", "num_fewshot": 1,
@@ -63,6 +65,9 @@ class Scenario:
 SCENARIOS = {
     "layer": Scenario("layer sweep, MMLU (228 docs), log-likelihood", MMLU,
                       tuple(f"layer{layer}" for layer in range(30)), 0.5),
+    # Four multi-token endings per document: the shared-prefix sweep alone measured 0.49x (#21).
+    "hellaswag": Scenario("layer sweep, HellaSwag (100 docs), log-likelihood", HELLASWAG,
+                          tuple(f"layer{layer}" for layer in range(30)), 0.55),
     "head": Scenario("head sweep, last layer, MMLU (228 docs)", MMLU,
                      tuple(f"head29.{head}" for head in range(9)), 0.15),
     "generate": Scenario("layer sweep, GSM8K 1-shot generate-until (4 docs, 32 tokens)", GSM8K,
@@ -86,18 +91,32 @@ def checkpoint(folder: Path, o_proj_noise: float = 0.0) -> Path:
     return folder
 
 
-def run_worker(spec: dict[str, Any]) -> tuple[float, int]:
-    """Run one evaluation process; its wall seconds and peak RSS in bytes."""
+def run_logged(argv: list[str], log: Path) -> tuple[float, int]:
+    """Run one process with its stdout and stderr in ``log``; its wall seconds and peak RSS in
+    bytes. A file, not a pipe: nobody reads a pipe while os.wait4 waits, so a worker writing more
+    than the pipe buffer (lm-eval's and datasets' progress bars) would block forever."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ablate.bench", "--worker", json.dumps(spec)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    _, status, usage = os.wait4(process.pid, 0)
+    with log.open("wb") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        # wait4, not Popen.wait: its rusage is this worker's own peak RSS.
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"worker failed: {process.stderr.read().decode()[-3000:]}")
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if process.returncode != 0:
+        tail = log.read_bytes()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"worker failed ({process.returncode}), log {log}:\n{tail}")
     return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_worker(spec: dict[str, Any]) -> tuple[float, int]:
+    """Run one evaluation process, logged to <out>/logs/<first unit>[..<last unit>].log."""
+    units = spec["units"]
+    name = units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}"
+    return run_logged(
+        [sys.executable, "-m", "ablate.bench", "--worker", json.dumps(spec)],
+        Path(spec["out"]) / "logs" / f"{name}.log",
+    )
 
 
 def worker(spec: dict[str, Any]) -> None:

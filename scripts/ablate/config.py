@@ -20,6 +20,7 @@ ABLATION_PREFIX = {
     "layer": "layer",
     "head": "head",
     "kv_group": "kvgroup",
+    "paper_head": "kvgroup",  # evaluated as its KV group (see units)
     "oproj": "oproj",
     "oproj_cumulative": "oprojcum",
 }
@@ -41,7 +42,7 @@ class Run:
     metric: str
     kind: str
     layer: int  # the ablated layer (oproj_cumulative: the last replaced one)
-    head: int | None  # head or KV group within ``layer``, for head kinds
+    head: int | None  # query head (head, paper_head) or KV group (kv_group) within ``layer``
     ablation: str  # ablation id, the results folder
 
 
@@ -83,14 +84,27 @@ def units(ablation: dict[str, Any], model: dict[str, Any]) -> list[tuple[int, in
     layers = ablation.get("layers", "all")
     layers = range(model["num_layers"]) if layers == "all" else layers
     prefix = ABLATION_PREFIX[kind]
-    if kind in ("head", "kv_group"):
-        count = model["num_heads"] if kind == "head" else model["num_kv_heads"]
+    if kind in ("head", "kv_group", "paper_head"):
+        count = model["num_kv_heads"] if kind == "kv_group" else model["num_heads"]
         heads = ablation.get("heads", "all")
         heads = range(count) if heads == "all" else heads
+        if kind == "paper_head":
+            return [(layer, head, paper_head_id(layer, head, model)) for layer in layers for head in heads]
         return [(layer, head, f"{prefix}{layer}.{head}") for layer in layers for head in heads]
     if kind in ("oproj", "oproj_cumulative"):
         return [(layer, None, f"{prefix}{layer}_from_{ablation['source']}") for layer in layers]
     return [(layer, None, f"{prefix}{layer}") for layer in layers]
+
+
+def paper_head_id(layer: int, head: int, model: dict[str, Any]) -> str:
+    """The unit the paper's ``head_pruning.py`` ablates as "head h": it zeroes h's q_proj rows and
+    o_proj columns and the k_proj/v_proj rows of h's KV group, so under GQA every query head of
+    that group outputs 0 (a KV-group unit, shared by the group's heads); without GQA the group is
+    h alone and this is the single-head unit."""
+    per_group = model["num_heads"] // model["num_kv_heads"]
+    if per_group == 1:
+        return f"head{layer}.{head}"
+    return f"kvgroup{layer}.{head // per_group}"
 
 
 def figure_runs(config: dict[str, Any], figure_id: str) -> list[Run]:
@@ -226,14 +240,14 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
     model = config["models"][model_id]
     kind = ablation["kind"]
     _check_range(f"{key}.layers", ablation.get("layers", "all"), model["num_layers"], "layers")
-    if kind == "head":
+    if kind in ("head", "paper_head"):
         _check_range(f"{key}.heads", ablation.get("heads", "all"), model["num_heads"], "heads")
     if kind == "kv_group":
         if model["num_kv_heads"] >= model["num_heads"]:
             raise ConfigError(
                 f"{key}.kind: kv_group needs grouped-query attention, but model {model_id} has "
                 f"{model['num_heads']} query and {model['num_kv_heads']} KV heads "
-                "(allowed here: layer, head, oproj, oproj_cumulative)"
+                "(allowed here: layer, head, paper_head, oproj, oproj_cumulative)"
             )
         _check_range(
             f"{key}.heads", ablation.get("heads", "all"), model["num_kv_heads"], "KV groups"

@@ -26,7 +26,9 @@ PROXY_LABELS = {"block_influence": "block influence", "angular_distance": "angul
 
 
 def unit_axis_label(kind: str) -> str:
-    return {"head": "head", "kv_group": "KV group"}.get(kind, "layer")
+    """Indices are 0-based everywhere (``model.model.layers[i]``); the paper's head axis is 1-based."""
+    unit = {"head": "query head", "paper_head": "query head", "kv_group": "KV group"}
+    return f"{unit.get(kind, 'layer')} (0-based)"
 
 
 def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:

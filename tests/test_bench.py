@@ -1,0 +1,40 @@
+"""The bench's worker runner: output never blocks a worker, and a failure points at its log."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ablate.bench import run_logged
+
+MIB = 2**20
+
+
+def test_output_beyond_the_pipe_buffer_does_not_block(tmp_path: Path) -> None:
+    # 1 MiB on stderr and some on stdout: 16x a pipe's 64 KiB buffer.
+    argv = [sys.executable, "-c", f"import sys; sys.stderr.write('x' * {MIB}); print('done')"]
+    log = tmp_path / "logs" / "layer0.log"
+    result: list[tuple[float, int]] = []
+    # A thread, so a regression fails the test instead of hanging the suite.
+    thread = threading.Thread(target=lambda: result.append(run_logged(argv, log)), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the worker blocked on its output"
+    wall, peak_rss = result[0]
+    assert wall > 0 and peak_rss > 0
+    text = log.read_text()
+    assert text.count("x") == MIB and "done" in text
+
+
+def test_failure_names_the_log_and_its_tail(tmp_path: Path) -> None:
+    code = "import sys; print('head' * 2000); sys.stderr.write('the real error'); sys.exit(3)"
+    log = tmp_path / "worker.log"
+    with pytest.raises(RuntimeError) as failure:
+        run_logged([sys.executable, "-c", code], log)
+    message = str(failure.value)
+    assert str(log) in message and "(3)" in message
+    assert message.endswith("the real error")
+    assert message.count("head") < 1000  # only the tail, not the whole log
