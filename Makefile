@@ -45,7 +45,7 @@ report: setup
 	$(BIN)/snakemake $(TARGETS) --configfile $(DEMO_CONFIG) --report results/report.html
 
 ## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit, and the vLLM
-## backend vs the HF backend on a generate-until sweep (~1 h, CPU)
+## backend vs the HF backend on a generate-until sweep (~1.7 h, CPU)
 bench: setup setup-vllm
 	$(BIN)/python -m ablate.bench --vllm-python $(VLLM_BIN)/python
 

@@ -155,7 +155,7 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     frame = pd.DataFrame(rows, columns=COLUMNS).astype({"head": "Int64", "hit_budget": "Int64"})
     # Holm over distinct tests: paper_head rows of one KV group share one evaluation and its test.
     test_key = ["metric", "model", "task", "ablation"]
-    tests = frame.drop_duplicates(test_key)[test_key + ["p_value"]]
+    tests = frame.drop_duplicates(test_key)[[*test_key, "p_value"]]
     tests = tests.assign(p_holm=holm(tests["p_value"].to_numpy())).drop(columns="p_value")
     frame["p_holm"] = frame[test_key].merge(tests, on=test_key, how="left")["p_holm"].to_numpy()
     frame["significant"] = frame["p_holm"] < ALPHA

@@ -89,7 +89,11 @@ def units(ablation: dict[str, Any], model: dict[str, Any]) -> list[tuple[int, in
         heads = ablation.get("heads", "all")
         heads = range(count) if heads == "all" else heads
         if kind == "paper_head":
-            return [(layer, head, paper_head_id(layer, head, model)) for layer in layers for head in heads]
+            return [
+                (layer, head, paper_head_id(layer, head, model))
+                for layer in layers
+                for head in heads
+            ]
         return [(layer, head, f"{prefix}{layer}.{head}") for layer in layers for head in heads]
     if kind in ("oproj", "oproj_cumulative"):
         return [(layer, None, f"{prefix}{layer}_from_{ablation['source']}") for layer in layers]
