@@ -83,5 +83,13 @@ def prefetch_task(task: dict[str, Any], data_dir: str, out: Path) -> None:
 
     manager = task_manager(task, data_dir)
     loaded = manager.load([task["lm_eval_task"]])
+    for name, built in loaded["tasks"].items():
+        # A stand-in whose few-shot examples cannot match its lm-eval original says so.
+        limit = (built.config.metadata or {}).get("max_fewshot")
+        if limit is not None and (task.get("num_fewshot") or 0) > limit:
+            raise ValueError(
+                f"num_fewshot: {task['num_fewshot']} for {name}, which allows at most {limit} "
+                f"(allowed: 0..{limit}; its task YAML says why)"
+            )
     names = sorted(str(name) for name in loaded["tasks"])
     write_atomically(out, json.dumps({"lm_eval_task": task["lm_eval_task"], "subtasks": names}))
