@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from ablate.stats import holm
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO.parent / "shared" / "data").resolve()
 FAKE_TOKEN = "hf_NOT_A_REAL_TOKEN_but_must_never_be_written"
@@ -120,9 +122,31 @@ def test_provenance_is_recorded(tiny_run):
 
 def test_head_figure_counts_budget_hits(tiny_run):
     frame = pd.read_csv(tiny_run / "results/aggregate/tiny_heads.csv")
-    assert list(frame["head"]) == [0, 4]
+    assert list(frame["head"]) == [0, 4, 0, 1, 4]
     assert (frame["layer"] == 29).all()
     assert frame["hit_budget"].between(0, 2).all()
+
+
+def test_paper_heads_plot_their_kv_group_per_query_head(tiny_run):
+    frame = pd.read_csv(tiny_run / "results/aggregate/tiny_heads.csv")
+    paper = frame[frame["series"] == "paper semantics"].set_index("head")
+    assert list(paper["ablation"]) == ["kvgroup29.0", "kvgroup29.0", "kvgroup29.1"]
+    assert set(paper["ablation_kind"]) == {"paper_head"}
+    # One evaluation per group: heads 0 and 1 are the same point.
+    same = ["score", "delta", "p_value", "p_holm"]
+    assert paper.loc[0, same].tolist() == paper.loc[1, same].tolist()
+    group = json.loads(
+        (tiny_run / "results/evaluate/smollm2/gsm8k/kvgroup29.1/results.json").read_text()
+    )
+    assert paper.loc[4, "score"] == pytest.approx(
+        group["results"]["gsm8k_local"]["exact_match,flexible-extract"]
+    )
+    # Holm counts each distinct test once: 2 single heads + 2 groups, not 5 rows.
+    tests = frame.drop_duplicates("ablation")
+    assert len(tests) == 4
+    adjusted = dict(zip(tests["ablation"], holm(tests["p_value"].to_numpy()), strict=True))
+    expected = [adjusted[ablation] for ablation in frame["ablation"]]
+    assert frame["p_holm"].tolist() == pytest.approx(expected, nan_ok=True)
 
 
 def test_figures_are_rendered(tiny_run):
