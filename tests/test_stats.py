@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,7 @@ def test_mcnemar_exact():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(1, 1) == 1.0  # 2·P(X ≤ 1; 2, ½) = 1.5, capped
     assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 0.109375
+    assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)  # 2·(1 + 10)/1024 = 0.021484375
 
 
 def test_paired_test_significant_where_unpaired_is_not():
@@ -92,5 +95,52 @@ def test_spearman():
     # centred y ranks [-2, -1, .5, 2, .5]: ρ = 8 / √(10·9.5) = 0.820783.
     assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
     assert spearman([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair dropped
-    assert math.isnan(spearman([1, 2], [2, 1]))
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    # Wikipedia's IQ vs hours of TV (no ties): Σd² = 194, ρ = 1 − 6·194/(10·99) = −29/165.
+    iq = [106, 100, 86, 101, 99, 103, 97, 113, 112, 110]
+    tv = [7, 27, 2, 50, 28, 29, 20, 12, 6, 17]
+    assert spearman(iq, tv) == pytest.approx(-29 / 165)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConstantInputWarning from scipy: NaN is returned first
+        assert math.isnan(spearman([1, 2], [2, 1]))
+        assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+        assert math.isnan(spearman([1, 2, 3, 4], [2, 2, 2, math.nan]))
+        assert math.isnan(spearman([math.nan] * 4, [1, 2, 3, 4]))
+
+
+def test_library_backed_functions_match_reference_formulas():
+    """scipy against the definitions, written independently of the module, on random inputs."""
+    rng = np.random.default_rng(0)
+    for b, c in rng.integers(0, 300, size=(50, 2)).tolist():
+        n = b + c  # exact: min(1, 2·Σ_{k ≤ min(b, c)} C(n, k) / 2ⁿ)
+        tail = Fraction(sum(math.comb(n, k) for k in range(min(b, c) + 1)), 2**n)
+        assert mcnemar_exact(b, c) == pytest.approx(float(min(1, 2 * tail)), rel=1e-12)
+    for _ in range(20):
+        base = docs(rng.normal(size=int(rng.integers(2, 200))).tolist())
+        ablated = base + rng.normal(-0.05, 0.3, size=len(base))
+        d = ablated - base  # two-sided normal p of z = mean/se
+        z = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+        expected = math.erfc(abs(z) / math.sqrt(2))
+        assert paired_delta(base, ablated)["p_value"] == pytest.approx(expected, rel=1e-12)
+    for m in (1, 2, 7, 40):
+        p = rng.uniform(size=m) ** 3
+        p[-1:] = p[:1]  # a tie
+        p[rng.uniform(size=m) < 0.2] = math.nan
+        valid = np.flatnonzero(~np.isnan(p))
+        ranked = valid[np.argsort(p[valid])]
+        # k valid p-values; the i-th smallest (1-based) gets, capped at 1,
+        # BH: min over j ≥ i of k·p_(j)/j; Holm: max over j ≤ i of (k − j + 1)·p_(j).
+        k = len(ranked)
+        bh, hm = np.full(m, math.nan), np.full(m, math.nan)
+        for i, doc in enumerate(ranked):
+            bh[doc] = min(1, min(k * p[ranked[j]] / (j + 1) for j in range(i, k)))
+            hm[doc] = min(1, max((k - j) * p[ranked[j]] for j in range(i + 1)))
+        np.testing.assert_allclose(benjamini_hochberg(p), bh, rtol=1e-12)
+        np.testing.assert_allclose(holm(p), hm, rtol=1e-12)
+    for n in (3, 10, 100):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        rx, ry = x.argsort().argsort(), y.argsort().argsort()  # no ties: 1 − 6Σd²/(n(n²−1))
+        assert spearman(x, y) == pytest.approx(1 - 6 * ((rx - ry) ** 2).sum() / (n * (n**2 - 1)))
+        xt, yt = (2 * x).round(), (2 * y).round()  # ties: Pearson correlation of average ranks
+        ranks = pd.DataFrame({"x": xt, "y": yt}).rank()
+        expected = np.corrcoef(ranks["x"], ranks["y"])[0, 1]
+        assert spearman(xt, yt) == pytest.approx(expected, rel=1e-12)

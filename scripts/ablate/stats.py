@@ -1,7 +1,7 @@
 """Per-document statistics of an ablation: paired Δ, its test, multiple-comparison corrections.
 
-Pure numpy/pandas (no scipy): the binomial CDF of McNemar's exact test is summed with integer
-binomial coefficients, the normal CDF comes from ``math.erfc``.
+McNemar's exact test, the normal p-value, Benjamini–Hochberg and Spearman's ρ come from
+scipy.stats; only Holm is written here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 Z_95 = 1.96  # two-sided 95% quantile of the standard normal
 
@@ -65,11 +66,9 @@ def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int |
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p = min(1, 2·P(X ≤ min(b, c))), X ~ Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
+    if b + c == 0:  # no discordant documents: nothing to test (binomtest needs n ≥ 1)
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    return float(stats.binomtest(b, b + c, 0.5).pvalue)
 
 
 def _paired_normal_p(diff: np.ndarray, delta: float, stderr: float) -> float:
@@ -79,7 +78,7 @@ def _paired_normal_p(diff: np.ndarray, delta: float, stderr: float) -> float:
         return math.nan
     if stderr == 0:
         return 0.0
-    return math.erfc(abs(delta / stderr) / math.sqrt(2))
+    return float(2 * stats.norm.sf(abs(delta / stderr)))
 
 
 def _some(keys: list, shown: int = 5) -> str:
@@ -89,6 +88,7 @@ def _some(keys: list, shown: int = 5) -> str:
 
 def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm step-down adjusted p-values; NaN stays NaN and does not count towards m."""
+    # scipy has no Holm (statsmodels' multipletests does, not worth a dependency for 5 lines).
     p, valid = _valid(pvalues)
     order = np.argsort(p[valid])
     m = len(order)
@@ -100,12 +100,8 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg (FDR) adjusted p-values; NaN stays NaN and does not count towards m."""
     p, valid = _valid(pvalues)
-    order = np.argsort(p[valid])
-    m = len(order)
-    scaled = p[valid][order] * m / np.arange(1, m + 1)
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum.accumulate(scaled[::-1])[::-1]
-    return _place(p, valid, adjusted)
+    # scipy rejects NaN, hence only the valid ones; it also returns [] for no p-values.
+    return _place(p, valid, stats.false_discovery_control(p[valid], method="bh"))
 
 
 def _valid(pvalues: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,9 +123,10 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
     Pairs with a NaN are dropped; NaN when fewer than 3 pairs remain or either side is constant.
     """
-    frame = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float)})
-    frame = frame.dropna()
-    if len(frame) < 3 or frame["x"].nunique() < 2 or frame["y"].nunique() < 2:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    # Checked here: scipy would give ±1 for 2 pairs and warn (ConstantInputWarning) on constants.
+    if len(x) < 3 or np.unique(x).size < 2 or np.unique(y).size < 2:
         return math.nan
-    ranks = frame.rank(method="average")
-    return float(np.corrcoef(ranks["x"], ranks["y"])[0, 1])
+    return float(stats.spearmanr(x, y).statistic)
