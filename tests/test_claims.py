@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from ablate.aggregate import COLUMNS
-from ablate.claims import check_claims, load_claims, parse_claim
-from ablate.config import panel_series
+from ablate.claims import check_claims, claim_figures, load_claims, parse_claim
+from ablate.config import figure_runs
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "workflow/config/claims.yaml"
+PAPER_HEADS = "paper semantics: head h silences its KV group"
 
 KV_FIRST = {
     "id": "kv_first",
@@ -36,21 +38,39 @@ DIPS = {
 }  # fmt: skip
 
 
-def figure_frame(deltas: list[float], model: str = "llama31_8b", metric: str = "acc", **extra):
-    """A fig5-like CSV frame: one layer sweep, baseline 0.9."""
+def figure_frame(
+    deltas: list[float],
+    model: str = "llama31_8b",
+    metric: str = "acc",
+    figure: str = "fig5",
+    series: str = "LLaMA-3.1-8B",
+    baseline: float = 0.9,
+    significant: list[bool] | None = None,
+    **extra,
+) -> pd.DataFrame:
+    """A fig5-like CSV frame: one layer sweep; ``significant`` per layer (default: none)."""
+    significant = significant or [False] * len(deltas)
     rows = [
-        {"figure": "fig5", "panel": 0, "series": "LLaMA-3.1-8B", "model": model, "task": "kv",
+        {"figure": figure, "panel": 0, "series": series, "model": model, "task": "kv",
          "metric": metric, "ablation_kind": "layer", "layer": layer, "head": math.nan,
-         "ablation": f"layer{layer}", "score": 0.9 + delta, "baseline": 0.9, "delta": delta,
-         "stderr": 0.01, "n_samples": 100, "hit_budget": math.nan, "model_revision": "abc"} | extra
-        for layer, delta in enumerate(deltas)
+         "ablation": f"layer{layer}", "score": baseline + delta, "baseline": baseline,
+         "delta": delta, "stderr": 0.01, "n_samples": 100, "hit_budget": math.nan,
+         "model_revision": "abc", "p_holm": 0.001 if sig else 0.5, "significant": sig} | extra
+        for layer, (delta, sig) in enumerate(zip(deltas, significant, strict=True))
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def verdicts(raw_claims, frame, models=("llama31_8b",)) -> pd.DataFrame:
+def verdicts(raw_claims, *frames: pd.DataFrame, models=("llama31_8b",)) -> pd.DataFrame:
+    """Verdicts with each frame as the CSV of the figure it names; every figure draws ``models``."""
     claims = [parse_claim(raw) for raw in raw_claims]
-    return check_claims(claims, {"fig5": frame}, {"fig5": set(models)}).set_index("claim")
+    by_figure = {frame["figure"].iloc[0]: frame for frame in frames}
+    figure_models = {figure: set(models) for figure in by_figure}
+    return check_claims(claims, by_figure, figure_models).set_index("claim")
+
+
+def with_predicate(claim: dict, **changes) -> dict:
+    return claim | {"predicate": claim["predicate"] | changes}
 
 
 def test_predicate_holds_and_fails():
@@ -104,6 +124,30 @@ def test_metric_name_matches_any_filter_and_ambiguity_is_an_error():
         ({"predicate": KV_FIRST["predicate"] | {"value": [-0.7]}}, "predicate.value"),
         ({"predicate": KV_FIRST["predicate"] | {"layer": [0]}}, "predicate.layer"),
         ({"predicate": KV_FIRST["predicate"] | {"heads": [-1]}}, "predicate.heads"),
+        ({"predicate": KV_FIRST["predicate"] | {"quantity": "ratio"}}, "predicate.quantity"),
+        (
+            {
+                "predicate": KV_FIRST["predicate"]
+                | {"statistic": "significant_drops", "quantity": "score"}
+            },
+            "predicate.quantity",
+        ),
+        ({"predicate": KV_FIRST["predicate"] | {"than": "fig8"}}, "predicate.than"),
+        (
+            {"predicate": KV_FIRST["predicate"] | {"than": {"figures": "fig8"}}},
+            "predicate.than.figures",
+        ),
+        (
+            {"predicate": KV_FIRST["predicate"] | {"than": {"statistic": "median"}}},
+            "predicate.than.statistic",
+        ),
+        (
+            {
+                "predicate": KV_FIRST["predicate"]
+                | {"op": "<", "value": "median", "than": {"figure": "fig8"}}
+            },
+            "predicate.value",
+        ),
         ({"paper_value": None}, "paper_value"),
         ({"figures": "fig5"}, "figures"),
     ],
@@ -120,19 +164,71 @@ def test_duplicate_ids_are_refused(tmp_path):
         load_claims(path)
 
 
-def test_shipped_claims_match_the_paper_config():
-    claims = load_claims(REPO / "workflow/config/claims.yaml")
+def paper_skeleton(config: dict, figure: str) -> pd.DataFrame:
+    """The CSV rows the paper config gives a figure (every unit, Δ 0, nothing significant)."""
+    rows = [
+        {"figure": run.figure, "panel": run.panel, "series": run.series, "model": run.model,
+         "task": run.task, "metric": run.metric, "ablation_kind": run.kind, "layer": run.layer,
+         "head": run.head, "ablation": run.ablation, "score": 0.5, "baseline": 0.5, "delta": 0.0,
+         "p_holm": 1.0, "significant": False}
+        for run in figure_runs(config, figure)
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_shipped_claims_select_real_units_of_the_paper_config():
+    """Every shipped claim, and what it compares with, selects one series of the paper config
+    drawn for its model with every named unit: on the config's own rows none is "not comparable"
+    (nor ambiguous, which raises)."""
+    claims = load_claims(SHIPPED)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert len(claims) >= 10
+    frames = {figure: paper_skeleton(config, figure) for figure in config["figures"]}
+    models = {figure: set(frame["model"]) for figure, frame in frames.items()}
+    result = check_claims(claims, frames, models).set_index("claim")
+    assert not (result["verdict"] == "not comparable").any(), result[["figure", "verdict"]]
+    assert result["reproduced_value"].notna().all()
+
+
+def test_shipped_claims_cover_every_figure():
+    claims = load_claims(SHIPPED)
+    assert {claim.figure for claim in claims} >= {f"fig{n}" for n in range(1, 23)}
+    # Head figures have a single-query-head series too: their claims are the paper's semantics.
     for claim in claims:
-        figure = config["figures"][claim.figure]
-        drawn = {(panel["metric"], series["model"]) for _, panel, series in panel_series(figure)}
-        assert any(
-            claim.model == model and claim.metric in (metric, metric.split(",")[0])
-            for metric, model in drawn
-        ), f"{claim.id}: {claim.figure} draws no {claim.metric} of {claim.model}"
-        layers = config["models"][claim.model]["num_layers"]
-        assert all(layer < layers for layer in claim.layers or ()), claim.id
+        if claim.figure in ("fig13", "fig16", "fig17", "fig18"):
+            assert claim.selection.series == PAPER_HEADS, claim.id
+
+
+def test_shipped_qwen3_layer_claims_take_the_most_affected_layer():
+    """Figs 11-12: "layers 6, 23 and 35 show substantial drops, Δ below −0.5 in the most affected
+    regions": the minimum over the three decides, not each of them."""
+    claims = {claim.id: claim for claim in load_claims(SHIPPED)}
+    for claim_id, figure in [("gsm8k_1shot_qwen3_layers_6_23_35", "fig11"),
+                             ("gsm8k_4shot_qwen3_layers_6_23_35", "fig12")]:  # fmt: skip
+        deltas = [0.0] * 36
+        deltas[6], deltas[23], deltas[35] = -0.6, -0.1, -0.2
+        frame = figure_frame(deltas, "qwen3_8b", "exact_match,flexible-extract", figure)
+        result = check_claims([claims[claim_id]], {figure: frame}, {figure: {"qwen3_8b"}}).iloc[0]
+        assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(-0.6), "holds")
+        deltas[6] = -0.45  # the largest drop is now −0.45
+        frame = figure_frame(deltas, "qwen3_8b", "exact_match,flexible-extract", figure)
+        result = check_claims([claims[claim_id]], {figure: frame}, {figure: {"qwen3_8b"}}).iloc[0]
+        assert result["verdict"] == "does not hold"
+
+
+def test_shipped_kv_claim_covers_every_layer_past_the_first_four():
+    """Fig 5's "Δ close to zero beyond the lower layers" includes the last layer (31)."""
+    claim = next(
+        c for c in load_claims(SHIPPED) if c.id == "kv_retrieval_llama31_past_first_layers"
+    )
+    early_only = figure_frame([-0.8] * 4 + [-0.01] * 28, significant=[True] * 4 + [False] * 28)
+    result = check_claims([claim], {"fig5": early_only}, {"fig5": {"llama31_8b"}}).iloc[0]
+    assert (result["reproduced_value"], result["verdict"]) == (0, "holds")
+    for layer in (4, 31):
+        significant = [True] * 4 + [False] * 28
+        significant[layer] = True
+        frame = figure_frame([-0.8] * 4 + [-0.01] * 28, significant=significant)
+        result = check_claims([claim], {"fig5": frame}, {"fig5": {"llama31_8b"}}).iloc[0]
+        assert (result["reproduced_value"], result["verdict"]) == (1, "does not hold")
 
 
 def test_head_units():
@@ -144,3 +240,152 @@ def test_head_units():
     assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(-0.6), "does not hold")
     absent = heads | {"predicate": heads["predicate"] | {"heads": [1, 9]}}
     assert verdicts([absent], frame).loc["kv_first", "verdict"] == "not comparable"
+
+
+def test_quantity_score_and_baseline():
+    baseline = with_predicate(KV_FIRST, quantity="baseline", statistic="max", op=">", value=0.85)
+    score = with_predicate(KV_FIRST, quantity="score", statistic="min", op="between",
+                           value=[0.05, 0.15])  # fmt: skip
+    result = verdicts([baseline], figure_frame([-0.8, 0.0]))  # baseline 0.9
+    assert result.loc["kv_first", "verdict"] == "holds"
+    assert result.loc["kv_first", "reproduced_value"] == pytest.approx(0.9)
+    result = verdicts([baseline], figure_frame([-0.8, 0.0], baseline=0.8))
+    assert result.loc["kv_first", "verdict"] == "does not hold"
+    result = verdicts([score], figure_frame([-0.8, 0.0]))  # scores 0.1, 0.9
+    assert result.loc["kv_first", "reproduced_value"] == pytest.approx(0.1)
+    assert result.loc["kv_first", "verdict"] == "holds"
+    result = verdicts([score], figure_frame([-0.6, 0.0]))  # scores 0.3, 0.9
+    assert result.loc["kv_first", "verdict"] == "does not hold"
+
+
+def test_significant_drops_and_gains_count_units():
+    deltas = [-0.3, -0.2, 0.1, -0.01, 0.05]
+    significant = [True, False, True, False, True]
+    frame = figure_frame(deltas, significant=significant)
+    drops = with_predicate(KV_FIRST, layers=[1, 2, 3, 4], statistic="significant_drops",
+                           op="<=", value=0)  # fmt: skip
+    result = verdicts([drops], frame).loc["kv_first"]
+    # Layer 1 drops without significance, 2 and 4 are significant gains: no significant drop.
+    assert (result["reproduced_value"], result["verdict"]) == (0, "holds")
+    with_layer0 = with_predicate(drops, layers=[0, 1, 2, 3, 4])
+    result = verdicts([with_layer0], frame).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (1, "does not hold")
+    gains = with_predicate(drops, statistic="significant_gains", op=">=", value=2)
+    result = verdicts([gains], frame).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (2, "holds")
+    result = verdicts([with_predicate(gains, layers=[0, 1, 2])], frame).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (1, "does not hold")
+    untested = frame.assign(p_holm=[0.001, math.nan, 0.001, 0.5, 0.001])
+    result = verdicts([drops], untested).loc["kv_first"]
+    assert result["verdict"] == "not comparable" and math.isnan(result["reproduced_value"])
+
+
+OPEN_BOOK = {
+    "id": "open_book",
+    "figure": "fig6",
+    "model": "llama31_8b",
+    "text": "open book: higher baseline",
+    "paper_value": "higher",
+    "predicate": {"metric": "acc", "series": "open", "quantity": "baseline", "statistic": "mean",
+                  "than": {"series": "closed"}, "op": ">", "value": 0},
+}  # fmt: skip
+
+
+def test_than_compares_with_another_series():
+    def fig6(open_deltas, open_baseline, closed_deltas, closed_baseline):
+        return pd.concat([
+            figure_frame(open_deltas, figure="fig6", series="open", baseline=open_baseline),
+            figure_frame(closed_deltas, figure="fig6", series="closed", baseline=closed_baseline),
+        ])  # fmt: skip
+
+    smaller_drops = with_predicate(OPEN_BOOK, quantity="delta")
+    smaller_drops["id"] = "smaller_drops"
+    frame = fig6([-0.1, -0.1, 0.0], 0.8, [-0.3, -0.1, -0.2], 0.6)
+    result = verdicts([OPEN_BOOK, smaller_drops], frame)
+    assert result.loc["open_book", "reproduced_value"] == pytest.approx(0.2)  # 0.8 − 0.6
+    assert result.loc["smaller_drops", "reproduced_value"] == pytest.approx(0.4 / 3)  # mean Δs
+    assert (result["verdict"] == "holds").all()
+    frame = fig6([-0.3, -0.2, -0.2], 0.6, [-0.1, -0.1, 0.0], 0.7)
+    result = verdicts([OPEN_BOOK, smaller_drops], frame)
+    assert result.loc["open_book", "reproduced_value"] == pytest.approx(-0.1)
+    assert (result["verdict"] == "does not hold").all()
+    unknown = with_predicate(OPEN_BOOK, than={"series": "no such series"})
+    assert verdicts([unknown], frame).loc["open_book", "verdict"] == "not comparable"
+
+
+def test_than_compares_with_other_units_of_the_series():
+    # "Later layers comparatively stable": min Δ of layers 2-3 above min Δ of layers 0-1.
+    stable = with_predicate(KV_FIRST, layers=[2, 3], than={"layers": [0, 1]}, op=">", value=0)
+    result = verdicts([stable], figure_frame([-0.06, -0.02, -0.01, 0.0]))
+    assert result.loc["kv_first", "reproduced_value"] == pytest.approx(0.05)  # −0.01 − (−0.06)
+    assert result.loc["kv_first", "verdict"] == "holds"
+    result = verdicts([stable], figure_frame([-0.06, -0.02, -0.08, 0.0]))
+    assert result.loc["kv_first", "verdict"] == "does not hold"
+    # layers: null in than means every layer of the series (own min −0.01, series min −0.06).
+    every = with_predicate(stable, than={"layers": None}, op="<", value=0)
+    result = verdicts([every], figure_frame([-0.06, -0.02, -0.01, 0.0]))
+    assert result.loc["kv_first", "reproduced_value"] == pytest.approx(0.05)
+    assert result.loc["kv_first", "verdict"] == "does not hold"
+
+
+WEAKER = {
+    "id": "weaker",
+    "figure": "fig9",
+    "model": "llama1_7b",
+    "text": "layer 10's heads drop less than layer 8's",
+    "paper_value": "weaker",
+    "predicate": {"metric": "acc", "statistic": "min", "than": {"figure": "fig8"}, "op": ">",
+                  "value": 0},
+}  # fmt: skip
+
+
+def test_than_compares_with_another_figure_and_model():
+    fig8 = figure_frame([-0.05, -0.01, 0.0], "llama1_7b", figure="fig8")
+    fig9 = figure_frame([-0.02, 0.0, 0.01], "llama1_7b", figure="fig9")
+    result = verdicts([WEAKER], fig9, fig8, models=("llama1_7b",)).loc["weaker"]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.03), "holds")
+    fig9 = figure_frame([-0.07, 0.0, 0.01], "llama1_7b", figure="fig9")
+    result = verdicts([WEAKER], fig9, fig8, models=("llama1_7b",)).loc["weaker"]
+    assert (result["reproduced_value"], result["verdict"]) == (
+        pytest.approx(-0.02),
+        "does not hold",
+    )
+    missing = verdicts([WEAKER], fig9, models=("llama1_7b",)).loc["weaker"]
+    assert missing["verdict"] == "not comparable" and math.isnan(missing["reproduced_value"])
+    # The compared figure's model is the claim's unless `than` names another: "converges to the
+    # LLaMA baseline" compares R1-Distill's last score with LLaMA-3.1-8B's fig14 baseline.
+    converges = {
+        "id": "converges", "figure": "fig21", "model": "r1_distill_llama8b", "text": "converges",
+        "paper_value": "LLaMA baseline",
+        "predicate": {"metric": "exact_match", "layers": [2], "quantity": "score",
+                      "statistic": "mean", "op": "abs<=", "value": 0.1,
+                      "than": {"figure": "fig14", "model": "llama31_8b", "quantity": "baseline"}},
+    }  # fmt: skip
+    fig21 = figure_frame([-0.4, -0.3, -0.25], "r1_distill_llama8b", "exact_match", "fig21",
+                         baseline=0.8)  # fmt: skip
+    fig14 = figure_frame([-0.6, 0.0, 0.0], "llama31_8b", "exact_match", "fig14", baseline=0.5)
+    models = ("r1_distill_llama8b", "llama31_8b")
+    result = verdicts([converges], fig21, fig14, models=models).loc["converges"]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.05), "holds")
+    result = verdicts([converges], fig21, fig14.assign(baseline=0.4), models=models).loc[
+        "converges"
+    ]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.15), "does not hold")
+    stand_in = fig14.assign(model="smollm2")  # the compared figure ran another model
+    result = verdicts([converges], fig21, stand_in, models=(*models, "smollm2")).loc["converges"]
+    assert result["verdict"] == "not comparable"
+
+
+def test_claim_figures_names_the_compared_figures_of_the_config():
+    claims = [parse_claim(WEAKER), parse_claim(OPEN_BOOK), parse_claim(KV_FIRST)]
+    assert claim_figures(claims, "fig9", ["fig8", "fig9"]) == ["fig9", "fig8"]
+    assert claim_figures(claims, "fig9", ["fig9"]) == ["fig9"]  # a config without fig8
+    assert claim_figures(claims, "fig6", ["fig6", "fig8"]) == ["fig6"]  # same-figure than
+    assert claim_figures(claims, "fig5", ["fig5", "fig8"]) == ["fig5"]
+
+
+def test_than_inherits_the_claims_own_selection():
+    claim = parse_claim(with_predicate(WEAKER, layers=[10], quantity="score"))
+    assert claim.than is not None
+    assert (claim.than.figure, claim.than.model, claim.than.metric) == ("fig8", "llama1_7b", "acc")
+    assert (claim.than.layers, claim.than.quantity, claim.than.statistic) == ((10,), "score", "min")

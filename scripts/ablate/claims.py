@@ -1,13 +1,17 @@
 """The paper's quantitative claims as data (workflow/config/claims.yaml), checked on figure CSVs.
 
-A claim selects one series of one figure CSV (metric, optionally panel and series), a set of
-ablated units (layers, heads), reduces their Δ with a statistic (min, max, mean) and compares it
-with a threshold. The verdict is "holds", "does not hold", or "not comparable" when the CSV is
-about another model than the paper's (the demo's stand-in), or lacks the units the claim names.
+A claim selects one series of one figure CSV (metric, optionally panel and series) and a set of
+ablated units (layers, heads), reduces a quantity of theirs (Δ, ablated score or baseline) with a
+statistic (min, max, mean, or the count of Holm-significant drops or gains) and compares it with a
+threshold. With ``than`` it compares the difference between its statistic and that of a second
+selection (another series, figure or set of units). The verdict is "holds", "does not hold", or
+"not comparable" when a selection is about another model than the paper's (the demo's stand-in),
+or lacks the figure or the units it names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +22,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-STATISTICS = ("min", "max", "mean")
+# Counted units: significant (Holm-corrected, column `significant`) with Δ of this sign.
+SIGNIFICANCE = {"significant_drops": -1, "significant_gains": 1}
+STATISTICS = ("min", "max", "mean", *SIGNIFICANCE)
+QUANTITIES = ("delta", "score", "baseline")
 OPS: dict[str, Callable[[float, Any], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -29,27 +36,48 @@ OPS: dict[str, Callable[[float, Any], bool]] = {
 }
 RELATIVE = "median"  # threshold = the median Δ over every unit of the selected series
 CLAIM_KEYS = ("id", "figure", "model", "text", "paper_value", "predicate")
-PREDICATE_KEYS = ("metric", "panel", "series", "layers", "heads", "statistic", "op", "value")
+SELECTION_KEYS = ("metric", "panel", "series", "layers", "heads", "statistic", "quantity")
+PREDICATE_KEYS = (*SELECTION_KEYS, "op", "value", "than")
+THAN_KEYS = ("figure", "model", *SELECTION_KEYS)
 RESULT_COLUMNS = ["claim", "figure", "text", "paper_value", "reproduced_value", "verdict"]
 
 
 @dataclass(frozen=True)
-class Claim:
-    """One checkable statement; ``layers``/``heads`` None means every unit of the series."""
+class Selection:
+    """Units of one series of one figure and the statistic reducing them; ``layers``/``heads``
+    None means every unit of the series."""
 
-    id: str
     figure: str
     model: str
-    text: str
-    paper_value: float | str
     metric: str
     statistic: str
-    op: str
-    value: float | tuple[float, float] | str
+    quantity: str = "delta"
     panel: int | None = None
     series: str | None = None
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement: ``op``/``value`` test the selection's statistic, or with ``than``
+    its difference from the statistic of ``than``."""
+
+    id: str
+    text: str
+    paper_value: float | str
+    selection: Selection
+    op: str
+    value: float | tuple[float, float] | str
+    than: Selection | None = None
+
+    @property
+    def figure(self) -> str:
+        return self.selection.figure
+
+    @property
+    def model(self) -> str:
+        return self.selection.model
 
 
 def parse_claim(raw: Mapping[str, Any]) -> Claim:
@@ -72,12 +100,20 @@ def parse_claim(raw: Mapping[str, Any]) -> Claim:
     predicate = raw["predicate"]
     if not isinstance(predicate, Mapping):
         raise fail("predicate", f"must be a mapping, not {predicate!r}")
-    required = ("metric", "statistic", "op", "value")
-    _check_keys(predicate, PREDICATE_KEYS, required, "predicate.", fail)
-    if not isinstance(predicate["metric"], str):
-        raise fail("predicate.metric", f"must be a string, not {predicate['metric']!r}")
-    if predicate["statistic"] not in STATISTICS:
-        raise fail("predicate.statistic", f"{predicate['statistic']!r} not in {STATISTICS}")
+    _check_keys(
+        predicate, PREDICATE_KEYS, ("metric", "statistic", "op", "value"), "predicate.", fail
+    )
+    base = {"figure": raw["figure"], "model": raw["model"], "quantity": "delta"}
+    selection = _parse_selection(predicate, SELECTION_KEYS, base, "predicate.", fail)
+    than = predicate.get("than")
+    if than is not None:
+        if not isinstance(than, Mapping):
+            raise fail("predicate.than", f"must be a mapping, not {than!r}")
+        _check_keys(than, THAN_KEYS, (), "predicate.than.", fail)
+        # Every key than leaves out is the claim's own (null resets layers/heads to every unit).
+        than = _parse_selection(
+            than, THAN_KEYS, dataclasses.asdict(selection), "predicate.than.", fail
+        )
     if predicate["op"] not in OPS:
         raise fail("predicate.op", f"{predicate['op']!r} not in {tuple(OPS)}")
     value = predicate["value"]
@@ -87,35 +123,53 @@ def parse_claim(raw: Mapping[str, Any]) -> Claim:
         ) or not (value[0] <= value[1]):
             raise fail("predicate.value", f"between needs [low, high] numbers, not {value!r}")
         value = (float(value[0]), float(value[1]))
+    elif value == RELATIVE and than is not None:
+        raise fail("predicate.value", f"{RELATIVE!r} is for a single selection, not with than")
     elif value != RELATIVE and not _is_number(value):
         raise fail("predicate.value", f"must be a number or {RELATIVE!r}, not {value!r}")
-    panel, series = predicate.get("panel"), predicate.get("series")
-    if panel is not None and not _is_index(panel):
-        raise fail("predicate.panel", f"must be a panel index (0, 1, ...), not {panel!r}")
-    if series is not None and not isinstance(series, str):
-        raise fail("predicate.series", f"must be a series label, not {series!r}")
-    units = {}
-    for key in ("layers", "heads"):
-        indices = predicate.get(key)
-        if indices is not None and not (
-            isinstance(indices, list) and indices and all(map(_is_index, indices))
-        ):
-            raise fail(f"predicate.{key}", f"must be a non-empty list of indices, not {indices!r}")
-        units[key] = tuple(indices) if indices is not None else None
     return Claim(
         id=claim_id,
-        figure=raw["figure"],
-        model=raw["model"],
         text=raw["text"],
         paper_value=raw["paper_value"],
-        metric=predicate["metric"],
-        statistic=predicate["statistic"],
+        selection=selection,
         op=predicate["op"],
         value=value,
-        panel=panel,
-        series=series,
-        **units,
+        than=than,
     )
+
+
+def _parse_selection(
+    raw: Mapping[str, Any],
+    keys: tuple[str, ...],
+    base: Mapping[str, Any],
+    prefix: str,
+    fail: Callable[[str, str], ValueError],
+) -> Selection:
+    """``base`` overridden by the ``keys`` of ``raw``, validated; errors name ``prefix + key``."""
+    fields = dict(base) | {key: raw[key] for key in keys if key in raw}
+    for key in ("figure", "model", "metric", "statistic"):
+        if not isinstance(fields.get(key), str):
+            raise fail(f"{prefix}{key}", f"must be a string, not {fields.get(key)!r}")
+    if fields["statistic"] not in STATISTICS:
+        raise fail(f"{prefix}statistic", f"{fields['statistic']!r} not in {STATISTICS}")
+    if fields["quantity"] not in QUANTITIES:
+        raise fail(f"{prefix}quantity", f"{fields['quantity']!r} not in {QUANTITIES}")
+    if fields["statistic"] in SIGNIFICANCE and fields["quantity"] != "delta":
+        raise fail(f"{prefix}quantity", f"{fields['statistic']} counts Δs; quantity must be delta")
+    panel, series = fields.get("panel"), fields.get("series")
+    if panel is not None and not _is_index(panel):
+        raise fail(f"{prefix}panel", f"must be a panel index (0, 1, ...), not {panel!r}")
+    if series is not None and not isinstance(series, str):
+        raise fail(f"{prefix}series", f"must be a series label, not {series!r}")
+    for key in ("layers", "heads"):
+        indices = fields.get(key)
+        if indices is not None:
+            if not (isinstance(indices, list | tuple) and indices and all(map(_is_index, indices))):
+                raise fail(
+                    f"{prefix}{key}", f"must be a non-empty list of indices, not {indices!r}"
+                )
+            fields[key] = tuple(indices)
+    return Selection(**fields)
 
 
 def _check_keys(
@@ -154,28 +208,32 @@ def load_claims(path: Path) -> list[Claim]:
     return claims
 
 
+def claim_figures(claims: Iterable[Claim], figure: str, figures: Iterable[str]) -> list[str]:
+    """``figure``, then the others of ``figures`` whose CSVs its claims compare with (`than`)."""
+    compared = {
+        claim.than.figure for claim in claims if claim.figure == figure and claim.than is not None
+    }
+    return [figure, *sorted(compared.intersection(figures) - {figure})]
+
+
 def check_claims(
     claims: Iterable[Claim],
     frames: Mapping[str, pd.DataFrame],
     figure_models: Mapping[str, set[str]],
 ) -> pd.DataFrame:
-    """One row per claim: the reproduced statistic and the verdict.
+    """One row per claim: the reproduced statistic (or difference, with ``than``) and the verdict.
 
     ``frames`` maps figure id to its CSV (aggregate.COLUMNS); ``figure_models`` maps figure id to
-    the model ids its config draws. A claim is comparable only if its model is among them and is
-    the model of every selected row; a missing figure or unit gives "not comparable" and NaN.
+    the model ids its config draws. A selection is comparable only if its model is among those of
+    its figure and is the model of every selected row; a missing figure or unit gives
+    "not comparable" (and NaN when nothing at all was selected).
     """
     rows = []
     for claim in claims:
-        value, comparable = math.nan, False
-        frame = frames.get(claim.figure)
-        if frame is not None:
-            series = _series_rows(claim, frame)
-            units, complete = _unit_rows(claim, series)
-            if len(units):
-                value = float(getattr(units["delta"], claim.statistic)(skipna=False))
-                in_config = claim.model in figure_models.get(claim.figure, set())
-                comparable = complete and in_config and set(units["model"]) == {claim.model}
+        value, comparable, series = _reduce(claim.id, claim.selection, frames, figure_models)
+        if claim.than is not None:
+            other, other_comparable, _ = _reduce(claim.id, claim.than, frames, figure_models)
+            value, comparable = value - other, comparable and other_comparable
         if comparable and not math.isnan(value):
             bound = series["delta"].median(skipna=False) if claim.value == RELATIVE else claim.value
             verdict = "holds" if OPS[claim.op](value, bound) else "does not hold"
@@ -185,37 +243,66 @@ def check_claims(
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def _series_rows(claim: Claim, frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the one (panel, series) the claim's metric/panel/series select (maybe none)."""
+def _reduce(
+    claim_id: str,
+    selection: Selection,
+    frames: Mapping[str, pd.DataFrame],
+    figure_models: Mapping[str, set[str]],
+) -> tuple[float, bool, pd.DataFrame]:
+    """The selection's statistic, whether it is comparable, and the rows of its series."""
+    frame = frames.get(selection.figure)
+    if frame is None:
+        return math.nan, False, pd.DataFrame()
+    series = _series_rows(claim_id, selection, frame)
+    units, complete = _unit_rows(selection, series)
+    if not len(units):
+        return math.nan, False, series
+    in_config = selection.model in figure_models.get(selection.figure, set())
+    comparable = complete and in_config and set(units["model"]) == {selection.model}
+    return _statistic(selection, units), comparable, series
+
+
+def _statistic(selection: Selection, units: pd.DataFrame) -> float:
+    sign = SIGNIFICANCE.get(selection.statistic)
+    if sign is None:
+        return float(getattr(units[selection.quantity], selection.statistic)(skipna=False))
+    if units["p_holm"].isna().any():  # an untested unit: no count could say "none"
+        return math.nan
+    counted = units["significant"].astype(bool) & (units["delta"] * sign > 0)
+    return float(counted.sum())
+
+
+def _series_rows(claim_id: str, selection: Selection, frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the one (panel, series) the selection's metric/panel/series pick (maybe none)."""
     metric = frame["metric"].astype(str)
-    if "," not in claim.metric:  # a bare metric name matches any filter
+    if "," not in selection.metric:  # a bare metric name matches any filter
         metric = metric.str.split(",").str[0]
-    keep = metric == claim.metric
-    if claim.panel is not None:
-        keep &= frame["panel"] == claim.panel
-    if claim.series is not None:
-        keep &= frame["series"] == claim.series
+    keep = metric == selection.metric
+    if selection.panel is not None:
+        keep &= frame["panel"] == selection.panel
+    if selection.series is not None:
+        keep &= frame["series"] == selection.series
     rows = frame[keep]
     groups = rows[["panel", "series"]].drop_duplicates()
     if len(groups) > 1:
         found = ", ".join(f"panel {p} {s!r}" for p, s in groups.itertuples(index=False))
         raise ValueError(
-            f"claim {claim.id!r}: {claim.figure} has several series for metric "
-            f"{claim.metric!r} ({found}); set predicate.panel or predicate.series"
+            f"claim {claim_id!r}: {selection.figure} has several series for metric "
+            f"{selection.metric!r} ({found}); set panel or series"
         )
     return rows
 
 
-def _unit_rows(claim: Claim, rows: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
-    """The rows of those of the claim's units present, and whether every named unit is."""
+def _unit_rows(selection: Selection, rows: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The rows of those of the selection's units present, and whether every named unit is."""
     complete = True
-    if claim.layers is not None:
-        complete = set(claim.layers) <= set(rows["layer"])
-        rows = rows[rows["layer"].isin(claim.layers)]
-    if claim.heads is not None:
+    if selection.layers is not None:
+        complete = set(selection.layers) <= set(rows["layer"])
+        rows = rows[rows["layer"].isin(selection.layers)]
+    if selection.heads is not None:
         complete &= all(
-            set(claim.heads) <= set(layer_rows["head"].dropna())
+            set(selection.heads) <= set(layer_rows["head"].dropna())
             for _, layer_rows in rows.groupby("layer")
         )
-        rows = rows[rows["head"].isin(claim.heads)]
+        rows = rows[rows["head"].isin(selection.heads)]
     return rows, complete and len(rows) > 0
