@@ -8,7 +8,7 @@ DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig5 fig8 fig11
 CORES ?= 2
 
-.PHONY: setup setup-vllm demo demo-all report bench test lint format clean
+.PHONY: setup setup-vllm demo demo-all report bench offline-data test lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: setup setup-vllm
 demo-all: setup
 	$(BIN)/snakemake all --configfile $(DEMO_CONFIG) --cores $(CORES)
 	$(MAKE) report TARGETS=all
+
+## offline-data: the datasets cache of the hub datasets lm-eval's registered tasks load, built from
+## ../shared/data; without internet: export HF_DATASETS_CACHE=$PWD/resources/hf/datasets HF_HUB_OFFLINE=1
+offline-data: setup
+	$(BIN)/python -m ablate.offline_datasets --data-dir ../shared/data --out resources/hf
 
 test: setup setup-vllm lint
 	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest

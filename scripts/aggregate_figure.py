@@ -1,6 +1,7 @@
 """Rule aggregate_figure: one tidy CSV of scores, Δs and their statistics for a figure, and the
 provenance of every evaluation it uses."""
 
+import json
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
@@ -9,5 +10,6 @@ from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
     params, figure, output = snakemake.params, snakemake.wildcards.figure, snakemake.output  # noqa: F821
-    write_csv(aggregate(params.config, figure, params.results_dir), output.csv)
-    write_csv(provenance_table(params.config, figure, params.results_dir), output.provenance)
+    config = json.loads(params.config)  # the figure, its models and tasks
+    write_csv(aggregate(config, figure, params.results_dir), output.csv)
+    write_csv(provenance_table(config, figure, params.results_dir), output.provenance)

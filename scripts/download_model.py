@@ -1,5 +1,6 @@
 """Rule download_model: fetch (or convert) one model checkpoint."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,4 +10,4 @@ from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
     out = Path(snakemake.output.marker)  # noqa: F821
-    download_model(snakemake.wildcards.model, snakemake.params.spec, out.parent)  # noqa: F821
+    download_model(snakemake.wildcards.model, json.loads(snakemake.params.spec), out.parent)  # noqa: F821

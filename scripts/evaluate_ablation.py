@@ -1,5 +1,6 @@
 """Evaluation rules: one model under a chunk of ablations, one lm-eval evaluation per ablation."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,17 +10,20 @@ from ablate.rule import rule_log
 with rule_log(snakemake.log[0], offline=True):  # noqa: F821
     import torch
 
+    from ablate import backends
     from ablate.ablations import Ablation
-    from ablate.evaluate import Job, evaluate
+    from ablate.job import Job
 
     torch.set_num_threads(snakemake.threads)  # noqa: F821
-    source = snakemake.input.get("source")  # noqa: F821
+    params, source = snakemake.params, snakemake.input.get("source")  # noqa: F821
     job = Job(
         model_dir=Path(snakemake.input.model).parent,  # noqa: F821
         source_dir=Path(source).parent if source else None,
-        cache_dir=Path(snakemake.params.cache_dir),  # noqa: F821
-        **snakemake.params.job,  # noqa: F821
+        cache_dir=Path(params.cache_dir),
+        **json.loads(params.job),
     )
-    # results/evaluate/<model>/<task>/<ablation>/results.json: the folder names the ablation.
+    # One output folder per unit, in the chunk's order.
     folders = [Path(path).parent for path in snakemake.output.results]  # noqa: F821
-    evaluate(job, [(Ablation.parse(folder.name), folder) for folder in folders])
+    backends.run(
+        job, [(Ablation.parse(a), d) for a, d in zip(params.ablations, folders, strict=True)]
+    )

@@ -1,5 +1,6 @@
 """Rule prefetch_task: build the lm-eval task once, so its data is cached and checked."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,4 +10,4 @@ from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
     params = snakemake.params  # noqa: F821
-    prefetch_task(params.task, params.data_dir, Path(snakemake.output.marker))  # noqa: F821
+    prefetch_task(json.loads(params.task), params.data_dir, Path(snakemake.output.marker))  # noqa: F821

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from ablate.plan import (
-    PRIOR_RATE,
-    calibrated_rates,
-    chunk_seconds,
-    plan,
-    planned_chunks,
-    total_row,
-)
+from ablate.cost import calibrated_rates, chunk_seconds, prior_rates
+from ablate.plan import load_config, plan, planned_chunks, total_row
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER = REPO / "config.yaml"
-DEMO = REPO / "workflow/config/demo.yaml"
+PAPER = load_config(REPO / "config.yaml")
+DEMO = load_config(REPO / "workflow/config/demo.yaml")
 
 
 def test_paper_plan_counts_every_evaluation(tmp_path):
@@ -32,9 +26,9 @@ def test_paper_plan_counts_every_evaluation(tmp_path):
     total = total_row(rows)
     # The two figures share Qwen3's GSM8K 1-shot baseline job: counted once.
     assert (total["jobs"], total["units"]) == (11, 77)
-    config = yaml.safe_load(PAPER.read_text())
+    config = copy.deepcopy(PAPER)
     base = chunk_seconds(
-        config["models"]["qwen3_8b"], config["tasks"]["gsm8k_1shot"], ("base",), PRIOR_RATE
+        config["models"]["qwen3_8b"], config["tasks"]["gsm8k_1shot"], ("base",), prior_rates()
     )
     assert total["gpu_hours"] == pytest.approx(
         sum(r["gpu_hours"] for r in rows) - base / 3600, rel=0.01
@@ -51,13 +45,11 @@ def test_finished_evaluations_are_excluded(tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(json.dumps({}))
     after = planned_chunks(["fig8"], DEMO, tmp_path)
-    assert sorted(after, key=str) == sorted(
-        (c for c in before if "head8.8" not in c.ablations), key=str
-    )
+    assert sorted(after, key=str) == sorted((c for c in before if "head8.8" not in c.ids), key=str)
 
 
 def test_rates_are_calibrated_from_benchmarks(tmp_path):
-    config = yaml.safe_load(DEMO.read_text())
+    config = copy.deepcopy(DEMO)
     tsv = tmp_path / "smollm2" / "kv_retrieval" / "layer0-layer7.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("s\th:m:s\n25.0\t0:00:25\n")
@@ -67,11 +59,11 @@ def test_rates_are_calibrated_from_benchmarks(tmp_path):
     # l..29 for each l: (7 + 30+29+...+23) / 30 = 7.3 full passes over 6 docs x 400 tokens x
     # 4 options, 0.135 B params, in 25 s minus 5 s of start-up.
     assert rates[("cpu", "hf", "prefill")] == pytest.approx(20.0 / (7.3 * 6 * 400 * 4 * 0.135))
-    assert rates[("cpu", "hf", "prefill")] != PRIOR_RATE[("cpu", "hf", "prefill")]
+    assert rates[("cpu", "hf", "prefill")] != prior_rates()[("cpu", "hf", "prefill")]
 
 
 def test_vllm_decode_is_calibrated_net_of_its_own_prefill(tmp_path):
-    config = yaml.safe_load(DEMO.read_text())
+    config = copy.deepcopy(DEMO)
     config["tasks"]["gsm8k_1shot"]["backend"] = "vllm"
     for chunk, seconds in (
         ("kv_retrieval/layer0-layer7", 25.0),
@@ -84,7 +76,7 @@ def test_vllm_decode_is_calibrated_net_of_its_own_prefill(tmp_path):
     assert set(rates) == {("cpu", "hf", "prefill"), ("cpu", "vllm", "decode")}
     # 8 units x 4 docs x 400 prompt tokens at vllm's prefill prior (not hf's calibrated rate),
     # then 8 x 4 docs x 48 generated tokens, in 100 s minus 35 s of engine start-up.
-    prefill = 8 * 4 * 400 * PRIOR_RATE[("cpu", "vllm", "prefill")] * 0.135
+    prefill = 8 * 4 * 400 * prior_rates()[("cpu", "vllm", "prefill")] * 0.135
     assert rates[("cpu", "vllm", "decode")] == pytest.approx(
         (65.0 - prefill) / 0.135 / (8 * 4 * 48)
     )
@@ -93,12 +85,10 @@ def test_vllm_decode_is_calibrated_net_of_its_own_prefill(tmp_path):
 def test_plan_costs_both_backends(tmp_path):
     """A generate-until figure on vllm: its row says what it costs there and on hf, and the hf
     cost is what the same figure plans on hf."""
-    config = yaml.safe_load(PAPER.read_text())
+    config = copy.deepcopy(PAPER)
     config["tasks"]["gsm8k_1shot"]["backend"] = "vllm"
-    configfile = tmp_path / "config.yaml"
-    configfile.write_text(yaml.safe_dump(config))
     [on_hf] = plan(["fig11"], PAPER, tmp_path)
-    [on_vllm] = plan(["fig11"], configfile, tmp_path)
+    [on_vllm] = plan(["fig11"], config, tmp_path)
     assert (on_hf["backend"], on_vllm["backend"]) == ("hf", "vllm")
     assert on_vllm["gpu_hours_other_backend"] == pytest.approx(on_hf["gpu_hours"], abs=0.01)
     assert on_hf["gpu_hours_other_backend"] == pytest.approx(on_vllm["gpu_hours"], abs=0.01)

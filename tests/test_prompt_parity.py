@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.evaluate import TASKS_DIR, task_manager
+from ablate.lm_eval_tasks import TASKS_DIR, task_manager
 
 sys.path.insert(0, str(TASKS_DIR))
 import utils as task_utils

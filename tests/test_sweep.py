@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ablate.ablations import Ablation
-from ablate.evaluate import Job, evaluate
+from ablate.backends.hf import evaluate
+from ablate.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = str((REPO.parent / "shared" / "data").resolve())

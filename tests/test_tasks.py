@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablate.evaluate import TASKS_DIR, budget_hits, task_manager
+from ablate.backends.hf import budget_hits
+from ablate.lm_eval_tasks import TASKS_DIR, task_manager
 from ablate.metrics import acc_ce, mean_and_stderr
 
 sys.path.insert(0, str(TASKS_DIR))

@@ -101,7 +101,7 @@ def test_weight_edits_refuse_biased_projections(tmp_path):
     and the vLLM backend's checkpoint check refuse it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ablate.vllm_backend import check_exact
+    from ablate.ablations import check_weight_edits_exact, checkpoint_keys
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -110,19 +110,23 @@ def test_weight_edits_refuse_biased_projections(tmp_path):
     model = LlamaForCausalLM(config)
     ablation = Ablation.parse("layer1")
     with (
-        pytest.raises(ValueError, match="o_proj is not a bias-free linear layer"),
+        pytest.raises(
+            ValueError, match="o_proj has a bias, so zeroing its weight is not an exact ablation"
+        ),
         weight_edited(model, ablation),
     ):
         pass
     assert all(torch.count_nonzero(p) for p in model.parameters() if p.dim() == 2)
     model.save_pretrained(tmp_path)
     edits = weight_edits(ablation, Architecture.from_config(config))
-    with pytest.raises(ValueError, match="o_proj has a bias, so zeroing its weight is not exact"):
-        check_exact(tmp_path, edits)
+    with pytest.raises(
+        ValueError, match="o_proj has a bias, so zeroing its weight is not an exact ablation"
+    ):
+        check_weight_edits_exact(edits, checkpoint_keys(tmp_path))
 
 
 def test_probe_report_check():
-    from ablate.vllm_backend import EditNotApplied, check_report
+    from ablate.backends.vllm import EditNotApplied, check_report
 
     check_report({"m": (2e-7, 0.8), "n": (0.0, float("inf"))}, "float32", "layer3")
     for report in ({"m": (0.8, 0.0)}, {"m": (2e-3, 0.8)}, {"m": (1e-6, 1e-6)}):

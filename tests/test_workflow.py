@@ -162,6 +162,57 @@ def test_rerun_has_nothing_to_do(tiny_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def reversed_keys(value):
+    """The same config with every mapping's keys in reverse order."""
+    if isinstance(value, dict):
+        return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+    return [reversed_keys(item) for item in value] if isinstance(value, list) else value
+
+
+def planned_jobs(workdir: Path, snakefile: Path = REPO / "Snakefile") -> list[str]:
+    """Jobs a dry run of the tiny targets lists, after bringing them up to date."""
+    assert snakemake(workdir, "tiny_layers", "tiny_heads").returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "tiny_layers", "tiny_heads", "--snakefile",
+         str(snakefile), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return re.findall(r"^(?:local)?rule (\w+):", result.stdout, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(reversed_keys, id="keys-reordered"),
+        pytest.param(
+            lambda c: c | {"figures": c["figures"] | {"extra": c["figures"]["tiny_layers"]}},
+            id="unrelated-figure-added",
+        ),
+        pytest.param(
+            lambda c: c | {"evaluation": c["evaluation"] | {"vllm": {"engine_args": {"x": 1}}}},
+            id="unused-backend-options",
+        ),
+    ],
+)
+def test_cosmetic_config_edits_rerun_nothing(tiny_run, edit):
+    path = tiny_run / "config.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(yaml.safe_dump(edit(yaml.safe_load(original)), sort_keys=False))
+        assert planned_jobs(tiny_run) == []
+    finally:
+        path.write_text(original)
+
+
+def test_moved_checkout_reruns_nothing(tiny_run, tmp_path):
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout
+    for name in files.split():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
+    assert planned_jobs(tiny_run, snakefile=tmp_path / "Snakefile") == []
+
+
 def test_no_token_is_written_anywhere(tiny_run):
     for path in tiny_run.rglob("*"):
         if path.is_file() and path.suffix not in (".safetensors", ".png", ".pdf", ".db"):

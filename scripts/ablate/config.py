@@ -10,19 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from ablate.ablations import CONFIG_KINDS, HEAD_KINDS, SOURCE_KINDS, Ablation, sweep
+from ablate.backends import BACKENDS, serving
 
 PROTOCOL_METRICS = {
     "loglikelihood": ("acc", "acc_norm", "acc_ce"),
     "generate_until": ("exact_match",),
-}
-ABLATION_PREFIX = {
-    "layer": "layer",
-    "head": "head",
-    "kv_group": "kvgroup",
-    "paper_head": "kvgroup",  # evaluated as its KV group (see units)
-    "oproj": "oproj",
-    "oproj_cumulative": "oprojcum",
 }
 
 
@@ -63,6 +59,22 @@ def schema_error(config: dict[str, Any], schema: dict[str, Any]) -> str | None:
     return f"{key}: {error.message}{allowed}"
 
 
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Check ``config`` against the schema (one line naming the key), fill the schema's
+    defaults in place, then the cross-key checks. Raises ConfigError."""
+    import yaml
+    from snakemake.utils import validate
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    if problem := schema_error(config, schema):
+        raise ConfigError(problem)
+    validate(config, schema=str(SCHEMA), set_default=True)
+    check_config(config)
+
+
 def _allowed(values) -> str:
     return ", ".join(str(v) for v in values)
 
@@ -78,46 +90,13 @@ def series_ablation(figure: dict[str, Any], series: dict[str, Any]) -> dict[str,
     return series.get("ablation") or figure["ablation"]
 
 
-def units(ablation: dict[str, Any], model: dict[str, Any]) -> list[tuple[int, int | None, str]]:
-    """(layer, head or None, ablation id) for every unit an ablation spec sweeps on ``model``."""
-    kind = ablation["kind"]
-    layers = ablation.get("layers", "all")
-    layers = range(model["num_layers"]) if layers == "all" else layers
-    prefix = ABLATION_PREFIX[kind]
-    if kind in ("head", "kv_group", "paper_head"):
-        count = model["num_kv_heads"] if kind == "kv_group" else model["num_heads"]
-        heads = ablation.get("heads", "all")
-        heads = range(count) if heads == "all" else heads
-        if kind == "paper_head":
-            return [
-                (layer, head, paper_head_id(layer, head, model))
-                for layer in layers
-                for head in heads
-            ]
-        return [(layer, head, f"{prefix}{layer}.{head}") for layer in layers for head in heads]
-    if kind in ("oproj", "oproj_cumulative"):
-        return [(layer, None, f"{prefix}{layer}_from_{ablation['source']}") for layer in layers]
-    return [(layer, None, f"{prefix}{layer}") for layer in layers]
-
-
-def paper_head_id(layer: int, head: int, model: dict[str, Any]) -> str:
-    """The unit the paper's ``head_pruning.py`` ablates as "head h": it zeroes h's q_proj rows and
-    o_proj columns and the k_proj/v_proj rows of h's KV group, so under GQA every query head of
-    that group outputs 0 (a KV-group unit, shared by the group's heads); without GQA the group is
-    h alone and this is the single-head unit."""
-    per_group = model["num_heads"] // model["num_kv_heads"]
-    if per_group == 1:
-        return f"head{layer}.{head}"
-    return f"kvgroup{layer}.{head // per_group}"
-
-
 def figure_runs(config: dict[str, Any], figure_id: str) -> list[Run]:
     figure = config["figures"][figure_id]
     runs = []
     for index, panel, series in panel_series(figure):
         ablation = series_ablation(figure, series)
         model = config["models"][series["model"]]
-        for layer, head, ablation_id in units(ablation, model):
+        for unit, head in sweep(ablation, model):
             runs.append(
                 Run(
                     figure=figure_id,
@@ -127,9 +106,9 @@ def figure_runs(config: dict[str, Any], figure_id: str) -> list[Run]:
                     task=series["task"],
                     metric=panel["metric"],
                     kind=ablation["kind"],
-                    layer=layer,
+                    layer=unit.layer,
                     head=head,
-                    ablation=ablation_id,
+                    ablation=unit.id,
                 )
             )
     return runs
@@ -155,10 +134,10 @@ def evaluation_backends(config: dict[str, Any]) -> dict[tuple[str, str], str]:
                 backend, key = figure["backend"], f"figures.{figure_id}.backend"
             else:
                 backend, key = task.get("backend", "hf"), f"tasks.{series['task']}.backend"
-            if backend == "vllm" and task["protocol"] != "generate_until":
+            if task["protocol"] not in BACKENDS[backend].protocols:
                 raise ConfigError(
-                    f"{key}: vllm runs generate-until tasks only, and task {series['task']} is "
-                    f"{task['protocol']} (allowed: hf)"
+                    f"{key}: {backend} does not run {task['protocol']} tasks, and task "
+                    f"{series['task']} is one (allowed: {_allowed(serving(task['protocol']))})"
                 )
             pair = (series["model"], series["task"])
             first = chosen.setdefault(pair, (backend, key))
@@ -176,31 +155,28 @@ class Chunk:
 
     model: str
     task: str
-    ablations: tuple[str, ...]
+    ablations: tuple[Ablation, ...]
     backend: str = "hf"
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(ablation.id for ablation in self.ablations)
 
     @property
     def name(self) -> str:
         """Rule name (also the SLURM job name): model, task and the chunk's first unit."""
-        first = re.sub(r"\W", "_", self.ablations[0])
+        first = re.sub(r"\W", "_", self.ids[0])
         return f"evaluate_{self.model}_{self.task}_{first}"
 
     @property
     def label(self) -> str:
         """Log and benchmark file stem, e.g. ``layer0-layer7``."""
-        first, last = self.ablations[0], self.ablations[-1]
+        first, last = self.ids[0], self.ids[-1]
         return first if first == last else f"{first}-{last}"
 
     @property
     def source(self) -> str | None:
-        return o_proj_source(self.ablations[0])
-
-
-def _unit_order(ablation_id: str) -> tuple:
-    from ablate.ablations import Ablation
-
-    ablation = Ablation.parse(ablation_id)
-    return ablation.kind, ablation.source or "", ablation.layer or 0, ablation.head or 0
+        return self.ablations[0].source
 
 
 def evaluation_chunks(config: dict[str, Any]) -> list[Chunk]:
@@ -212,24 +188,20 @@ def evaluation_chunks(config: dict[str, Any]) -> list[Chunk]:
     the target, so a unit is always computed by the same job.
     """
     size = config.get("evaluation", {}).get("units_per_job", 1)
-    groups: dict[tuple, set[str]] = {}
+    groups: dict[tuple, set[Ablation]] = {}
     for figure_id in config["figures"]:
-        for model, task, ablation in figure_evaluations(config, figure_id):
-            kind, source, layer, _ = _unit_order(ablation)
-            group = (model, task, kind, source, layer if kind in ("head", "kvgroup") else -1)
-            groups.setdefault(group, set()).add(ablation)
+        for model, task, ablation_id in figure_evaluations(config, figure_id):
+            unit = Ablation.parse(ablation_id)
+            layer = unit.layer if unit.kind in HEAD_KINDS else -1
+            groups.setdefault((model, task, unit.kind, unit.source or "", layer), set()).add(unit)
     backends = evaluation_backends(config)
     chunks = []
-    for (model, task, *_), ablations in sorted(groups.items()):
-        ordered = sorted(ablations, key=_unit_order)
+    for (model, task, *_), units in sorted(groups.items()):
+        ordered = sorted(units, key=lambda unit: unit.sort_key)
         for start in range(0, len(ordered), size):
-            units = tuple(ordered[start : start + size])
-            chunks.append(Chunk(model, task, units, backends[(model, task)]))
+            part = tuple(ordered[start : start + size])
+            chunks.append(Chunk(model, task, part, backends[(model, task)]))
     return chunks
-
-
-def o_proj_source(ablation_id: str) -> str | None:
-    return ablation_id.split("_from_", 1)[1] if "_from_" in ablation_id else None
 
 
 def _check_range(key: str, values, count: int, what: str) -> None:
@@ -251,12 +223,12 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
             raise ConfigError(
                 f"{key}.kind: kv_group needs grouped-query attention, but model {model_id} has "
                 f"{model['num_heads']} query and {model['num_kv_heads']} KV heads "
-                "(allowed here: layer, head, paper_head, oproj, oproj_cumulative)"
+                f"(allowed here: {_allowed(k for k in CONFIG_KINDS if k != 'kv_group')})"
             )
         _check_range(
             f"{key}.heads", ablation.get("heads", "all"), model["num_kv_heads"], "KV groups"
         )
-    if kind in ("oproj", "oproj_cumulative"):
+    if kind in SOURCE_KINDS:
         source = ablation.get("source")
         if source not in config["models"]:
             raise ConfigError(
@@ -278,6 +250,15 @@ def check_config(config: dict[str, Any]) -> None:
     for model_id, model in models.items():
         if model["source"] == "hub" and not model.get("repo_id"):
             raise ConfigError(f"models.{model_id}.repo_id: required when source is hub")
+    backends = [(f"tasks.{t}.backend", task.get("backend", "hf")) for t, task in tasks.items()]
+    backends += [
+        (f"figures.{f}.backend", fig["backend"])
+        for f, fig in config["figures"].items()
+        if "backend" in fig
+    ]
+    for key, backend in backends:
+        if backend not in BACKENDS:
+            raise ConfigError(f"{key}: unknown backend {backend!r} (allowed: {_allowed(BACKENDS)})")
     for task_id, task in tasks.items():
         if task.get("enable_thinking") is not None and not task.get("chat_template"):
             raise ConfigError(

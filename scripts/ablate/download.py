@@ -79,7 +79,7 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
 
 def prefetch_task(task: dict[str, Any], data_dir: str, out: Path) -> None:
     """Build the lm-eval task once: downloads hub datasets into the cache, checks local files."""
-    from ablate.evaluate import task_manager
+    from ablate.lm_eval_tasks import task_manager
 
     manager = task_manager(task, data_dir)
     loaded = manager.load([task["lm_eval_task"]])

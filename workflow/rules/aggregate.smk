@@ -19,7 +19,7 @@ rule aggregate_figure:
     conda:
         "../../envs/plot.yaml"
     params:
-        config=config,
+        config=get_figure_config,
         results_dir="results/evaluate",
     script:
         "../../scripts/aggregate_figure.py"
@@ -27,7 +27,8 @@ rule aggregate_figure:
 
 rule check_claims:
     input:
-        csv=rules.aggregate_figure.output.csv,
+        # This figure's CSV, then those of the figures its claims compare with (`than`).
+        csvs=get_claim_csvs,
         claims=CLAIMS_FILE,
     output:
         csv=report(
@@ -41,6 +42,6 @@ rule check_claims:
     conda:
         "../../envs/plot.yaml"
     params:
-        models=get_figure_models,
+        models=get_claim_models,
     script:
         "../../scripts/check_claims.py"

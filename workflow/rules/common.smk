@@ -1,29 +1,25 @@
+import json
 import math
+import os
 import sys
-
-import yaml
-
-from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
+from ablate.backends import BACKENDS
+from ablate.claims import claim_figures, load_claims
 from ablate.config import (
     ConfigError,
-    check_config,
     evaluation_chunks,
     figure_evaluations,
     panel_series,
-    schema_error,
+    validate_config,
 )
-from ablate.plan import PRIOR_RATE, chunk_seconds
+from ablate.cost import chunk_seconds, prior_rates
 
-# One line naming the key before Snakemake's full report; then fill the schema's defaults.
-SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-if problem := schema_error(config, yaml.safe_load(SCHEMA.read_text())):
-    raise WorkflowError(f"config error: {problem}")
-validate(config, schema=str(SCHEMA), set_default=True)
+# workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
+# any job; the schema's defaults are filled in.
 try:
-    check_config(config)
+    validate_config(config)
 except ConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 
@@ -72,45 +68,79 @@ def chunk_inputs(chunk):
 def chunk_outputs(chunk):
     """Per unit: lm-eval's results and samples; the baseline also has the layer proxies."""
     outputs = {
-        key: [
-            evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ablations
-        ]
+        key: [evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ids]
         for key, name in (("results", "results.json"), ("samples", "samples.jsonl"))
     }
-    if chunk.ablations == ("base",):
+    if chunk.ids == ("base",):
         outputs["proxies"] = evaluation_file(
             chunk.model, chunk.task, "base", "proxies.csv"
         )
     return outputs
 
 
+def canonical(value):
+    """A param as canonical JSON text. Snakemake reruns a job when a param's text changes, and
+    a dict's text follows its key order: re-saving the config in another order must not rerun.
+    """
+    return json.dumps(value, sort_keys=True)
+
+
+# Model keys that change no evaluation (legend, planner, SLURM request): edits must not rerun one.
+COSMETIC_MODEL_KEYS = ("label", "params_b", "gpus")
+
+
+def evaluated_model(model_id):
+    spec = config["models"][model_id]
+    return {k: v for k, v in spec.items() if k not in COSMETIC_MODEL_KEYS}
+
+
 def get_model_spec(wildcards):
-    return config["models"][wildcards.model]
+    return canonical(evaluated_model(wildcards.model))
 
 
 def get_task_spec(wildcards):
-    return config["tasks"][wildcards.task]
+    return canonical(config["tasks"][wildcards.task])
 
 
 def get_figure_spec(wildcards):
-    return config["figures"][wildcards.figure]
+    return canonical(config["figures"][wildcards.figure])
+
+
+def get_figure_config(wildcards):
+    """The part of the config one figure's aggregation reads: the figure, its models and tasks."""
+    figure = config["figures"][wildcards.figure]
+    series = [series for _, _, series in panel_series(figure)]
+    return canonical(
+        {
+            "figures": {wildcards.figure: figure},
+            "models": {s["model"]: config["models"][s["model"]] for s in series},
+            "tasks": {s["task"]: config["tasks"][s["task"]] for s in series},
+            "allow_mixed_provenance": config["allow_mixed_provenance"],
+        }
+    )
 
 
 def evaluation_job(chunk):
-    return {
-        "model": config["models"][chunk.model],
-        "task": config["tasks"][chunk.task],
-        "data_dir": config["data_dir"],
-        "seed": config["seed"],
-        "prefix_reuse": config["evaluation"]["prefix_reuse"],
-        "backend": chunk.backend,
-        "vllm": config["evaluation"]["vllm"] if chunk.backend == "vllm" else {},
-    }
+    """The job's data (ablate.job.Job fields) as canonical JSON."""
+    model = evaluated_model(chunk.model)
+    if chunk.backend != "hf":  # tensor parallelism over the job's GPUs
+        model["gpus"] = config["models"][chunk.model]["gpus"]
+    return canonical(
+        {
+            "model": model,
+            "task": config["tasks"][chunk.task],
+            "data_dir": config["data_dir"],
+            "seed": config["seed"],
+            "prefix_reuse": config["evaluation"]["prefix_reuse"],
+            "backend": chunk.backend,
+            "backend_options": config["evaluation"].get(chunk.backend, {}),
+        }
+    )
 
 
 def chunk_env(chunk):
-    """Conda environment of an evaluation job: vLLM pins its own transformers."""
-    return f"../../envs/{'vllm' if chunk.backend == 'vllm' else 'eval'}.yaml"
+    """Conda environment of an evaluation job: its backend's (vLLM pins its own transformers)."""
+    return f"../../envs/{BACKENDS[chunk.backend].conda_env}"
 
 
 def get_figure_results(wildcards):
@@ -120,15 +150,32 @@ def get_figure_results(wildcards):
     ]
 
 
-def get_figure_models(wildcards):
-    figure = config["figures"][wildcards.figure]
+def figure_models(figure_id):
+    figure = config["figures"][figure_id]
     return sorted({series["model"] for _, _, series in panel_series(figure)})
 
 
 # The paper's claims (checked per figure); a config may name its own file (workdir-relative).
-CLAIMS_FILE = config["claims_file"] or str(
+CLAIMS_FILE = config["claims_file"] or os.path.relpath(
     Path(workflow.basedir) / "workflow/config/claims.yaml"
-)
+)  # relative: moving the checkout with its results must not rerun check_claims
+
+
+def claimed_figures(wildcards):
+    """The figure and those its claims compare with (claims.yaml ``than``), in CSV order."""
+    return claim_figures(load_claims(CLAIMS_FILE), wildcards.figure, config["figures"])
+
+
+def get_claim_csvs(wildcards):
+    return [
+        rules.aggregate_figure.output.csv.format(figure=figure)
+        for figure in claimed_figures(wildcards)
+    ]
+
+
+def get_claim_models(wildcards):
+    """Per figure of get_claim_csvs: the models it evaluates (other models: not comparable)."""
+    return {figure: figure_models(figure) for figure in claimed_figures(wildcards)}
 
 
 def get_figure_files(figure_id):
@@ -161,12 +208,12 @@ def chunk_mem_mb(chunk):
 
 
 def chunk_runtime(chunk):
-    """Minutes: three times the planner's prior estimate (ablate.plan), doubled per retry."""
+    """Minutes: three times the prior cost estimate (ablate.cost), doubled per retry."""
     seconds = chunk_seconds(
         config["models"][chunk.model],
         config["tasks"][chunk.task],
         chunk.ablations,
-        PRIOR_RATE,
+        prior_rates(),
         config["evaluation"]["prefix_reuse"],
         chunk.backend,
     )

