@@ -75,7 +75,8 @@ def chunk_seconds(
     prompt, generated = tokens(task)
     passes = forward_passes(model, task, ablations, prefix_reuse and backend == "hf")
     work = passes * prompt * rates[(device, backend, "prefill")]
-    work += len(ablations) * generated * rates[(device, backend, "decode")]
+    if generated:  # a log-likelihood-only backend has no decode rate
+        work += len(ablations) * generated * rates[(device, backend, "decode")]
     return BACKENDS[backend].job_overhead_s[device] + work * model["params_b"]
 
 
