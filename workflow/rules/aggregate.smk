@@ -27,9 +27,8 @@ rule aggregate_figure:
 
 rule check_claims:
     input:
-        # This figure's CSV, then those of the figures its claims compare with (`than`).
-        csvs=get_claim_csvs,
-        claims=CLAIMS_FILE,
+        # This figure's CSV and those of the figures its claims compare with (`than`).
+        unpack(get_claim_csvs),
     output:
         csv=report(
             "results/claims/{figure}.csv",
@@ -42,6 +41,7 @@ rule check_claims:
     conda:
         "../../envs/plot.yaml"
     params:
+        claims=get_figure_claims,
         models=get_claim_models,
     script:
         "../../scripts/check_claims.py"

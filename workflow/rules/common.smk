@@ -1,7 +1,8 @@
 import json
 import math
-import os
 import sys
+
+import yaml
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
@@ -156,26 +157,43 @@ def figure_models(figure_id):
 
 
 # The paper's claims (checked per figure); a config may name its own file (workdir-relative).
-CLAIMS_FILE = config["claims_file"] or os.path.relpath(
-    Path(workflow.basedir) / "workflow/config/claims.yaml"
-)  # relative: moving the checkout with its results must not rerun check_claims
+CLAIMS_FILE = (
+    config["claims_file"] or Path(workflow.basedir) / "workflow/config/claims.yaml"
+)
+# Checked at parse time; each figure's check gets its own claims as data, so editing one claim
+# reruns one figure's check, and moving the checkout reruns none.
+RAW_CLAIMS = yaml.safe_load(Path(CLAIMS_FILE).read_text())
+CLAIMS = load_claims(CLAIMS_FILE)
 
 
 def claimed_figures(wildcards):
     """The figure and those its claims compare with (claims.yaml ``than``), in CSV order."""
-    return claim_figures(load_claims(CLAIMS_FILE), wildcards.figure, config["figures"])
+    return claim_figures(CLAIMS, wildcards.figure, config["figures"])
+
+
+def get_figure_claims(wildcards):
+    return canonical(
+        [
+            raw
+            for raw, claim in zip(RAW_CLAIMS, CLAIMS, strict=True)
+            if claim.figure == wildcards.figure
+        ]
+    )
 
 
 def get_claim_csvs(wildcards):
-    return [
-        rules.aggregate_figure.output.csv.format(figure=figure)
+    """The CSV of each figure the claims read, named by figure."""
+    return {
+        figure: rules.aggregate_figure.output.csv.format(figure=figure)
         for figure in claimed_figures(wildcards)
-    ]
+    }
 
 
 def get_claim_models(wildcards):
-    """Per figure of get_claim_csvs: the models it evaluates (other models: not comparable)."""
-    return {figure: figure_models(figure) for figure in claimed_figures(wildcards)}
+    """Per figure the claims read: the models it evaluates (other models: not comparable)."""
+    return canonical(
+        {figure: figure_models(figure) for figure in claimed_figures(wildcards)}
+    )
 
 
 def get_figure_files(figure_id):
