@@ -21,17 +21,23 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ablate.aggregate import result_path
 from ablate.backends import serving
-from ablate.config import Chunk, ConfigError, evaluation_chunks, figure_evaluations, validate_config
+from ablate.config import (
+    Chunk,
+    ConfigError,
+    evaluation_chunks,
+    figure_evaluations,
+    load_config_file,
+    validate_config,
+)
 from ablate.cost import Rates, calibrated_rates, chunk_seconds, device_kind, prior_rates
 
 
 def load_config(configfile: Path) -> dict[str, Any]:
-    """The config as the workflow sees it: validated, the schema's defaults filled in."""
-    config = yaml.safe_load(Path(configfile).read_text())
+    """The config as the workflow sees it: validated, the schema's defaults filled in; a key
+    given twice or a syntax error is a ConfigError naming the file and line."""
+    config = load_config_file(configfile)
     validate_config(config)
     return config
 

@@ -1,11 +1,9 @@
 import json
 import math
-import sys
 
 import yaml
 
-sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-
+# ablate is on sys.path: the Snakefile put it there to check the config files.
 from ablate.backends import BACKENDS
 from ablate.claims import claim_figures, load_claims
 from ablate.config import (
