@@ -7,6 +7,8 @@ a short id that is also its results folder (config kind in brackets):
 ===========================  ==================================================================
 ``base``                     the unablated model
 ``layer{L}``                 [layer] skip decoder layer L (its output is its input)
+``attn{L}``                  [attn] layer L's attention sublayer adds nothing to the residual
+``mlp{L}``                   [mlp] layer L's MLP sublayer adds nothing to the residual
 ``head{L}.{H}``              [head] silence query head H of layer L (its o_proj input slice is 0)
 ``kvgroup{L}.{G}``           [kv_group] silence every query head reading KV head G of layer L
 ``oproj{L}_from_{M}``        [oproj] layer L's ``self_attn.o_proj`` weight taken from model M
@@ -17,7 +19,8 @@ Layer and head indices are 0-based, as in ``model.model.layers[i]``.
 
 Every ablation also has an exact weight-edit form (:func:`weight_edits`), for engines where hooks
 cannot reach the forward pass (vLLM): a skipped layer's ``o_proj`` and ``down_proj`` are zeroed
-(with no biases the block then adds exactly 0 to the residual stream), a silenced head's
+(with no biases the block then adds exactly 0 to the residual stream; ``attn``/``mlp`` zero one of
+the two), a silenced head's
 ``o_proj`` input columns are zeroed, a replaced ``o_proj`` is the source's tensor.
 """
 
@@ -38,6 +41,8 @@ if TYPE_CHECKING:  # torch is imported where a model is touched: the vocabulary 
 # prefix of each (the id is also the unit's results folder). paper_head units are KV groups.
 ID_PREFIX = {
     "layer": "layer",
+    "attn": "attn",
+    "mlp": "mlp",
     "head": "head",
     "kv_group": "kvgroup",
     "oproj": "oproj",
@@ -45,9 +50,13 @@ ID_PREFIX = {
 }
 HEAD_KINDS = ("head", "kv_group")  # units within one layer's attention
 SOURCE_KINDS = ("oproj", "oproj_cumulative")  # units that take tensors from a source model
+# Sublayer kinds: the module whose output is zeroed, and the projection whose zero weight does it.
+SUBLAYERS = {"attn": ("self_attn", "self_attn.o_proj"), "mlp": ("mlp", "mlp.down_proj")}
 CONFIG_KINDS = (*ID_PREFIX, "paper_head")
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
-ABLATION_PATTERN = r"base|layer\d+|(?:head|kvgroup)\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
+ABLATION_PATTERN = (
+    r"base|(?:layer|attn|mlp)\d+|(?:head|kvgroup)\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
+)
 _PARSE = re.compile(
     r"^(?:(?P<base>base)|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?"
     r"(?:_from_(?P<source>[a-z0-9_]+))?)$"
@@ -128,7 +137,7 @@ def sweep(spec: dict, model: dict) -> list[tuple[Ablation, int | None]]:
     layers = range(model["num_layers"]) if spec.get("layers", "all") == "all" else spec["layers"]
     if kind in SOURCE_KINDS:
         return [(Ablation(kind, layer, source=spec["source"]), None) for layer in layers]
-    if kind == "layer":
+    if kind in SUBLAYERS or kind == "layer":
         return [(Ablation(kind, layer), None) for layer in layers]
     count = model["num_kv_heads"] if kind == "kv_group" else model["num_heads"]
     heads = range(count) if spec.get("heads", "all") == "all" else spec["heads"]
@@ -244,6 +253,9 @@ def weight_edits(ablation: Ablation, arch: Architecture) -> list[WeightEdit]:
     arch.check(ablation)
     if ablation.kind == "layer":
         return [WeightEdit(o_proj_key(ablation.layer)), WeightEdit(down_proj_key(ablation.layer))]
+    if ablation.kind in SUBLAYERS:
+        projection = SUBLAYERS[ablation.kind][1]
+        return [WeightEdit(f"model.layers.{ablation.layer}.{projection}.weight")]
     if ablation.kind in HEAD_KINDS:
         heads = arch.silenced_heads(ablation)
         columns = (heads.start * arch.head_dim, heads.stop * arch.head_dim)
@@ -326,6 +338,13 @@ def _skip_layer(module, args, kwargs, output):
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _zero_output(module, args, output):
+    # The sublayer's contribution to the residual stream is its (first) output: make it 0.
+    if isinstance(output, tuple):
+        return (output[0].new_zeros(output[0].shape), *output[1:])
+    return output.new_zeros(output.shape)
+
+
 def _zero_heads_hook(heads: range, head_dim: int):
     start, stop = heads.start * head_dim, heads.stop * head_dim
 
@@ -353,6 +372,9 @@ def ablated(
         if ablation.kind == "layer":
             block = layers[ablation.layer]
             handles.append(block.register_forward_hook(_skip_layer, with_kwargs=True))
+        elif ablation.kind in SUBLAYERS:
+            sublayer = layers[ablation.layer].get_submodule(SUBLAYERS[ablation.kind][0])
+            handles.append(sublayer.register_forward_hook(_zero_output))
         elif ablation.kind in HEAD_KINDS:
             o_proj = layers[ablation.layer].self_attn.o_proj
             hook = _zero_heads_hook(arch.silenced_heads(ablation), arch.head_dim)

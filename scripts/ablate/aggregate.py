@@ -45,14 +45,30 @@ PROVENANCE_KEYS = ("model_revision", "task_versions", "num_fewshot", "limit", "d
 
 
 def read_result(path: Path) -> dict[str, Any]:
-    """A result and its document count, checked against the count lm-eval says it evaluated."""
+    """A result and its document count, checked against the count lm-eval says it evaluated.
+
+    A file that is not whole JSON (a job killed on a filesystem that lost the write) is an
+    incomplete evaluation output: ResultError naming it and the fix.
+    """
     if not path.exists():
         raise ResultError(f"{path}: missing (rerun the workflow to compute it)")
-    record = json.loads(path.read_text())
+    fix = (
+        f"an incomplete evaluation output: delete {path.parent} and rerun "
+        "(the request cache replays what was computed)"
+    )
+    try:  # bytes: a bad encoding is a ValueError too
+        record = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise ResultError(f"{path}: not valid JSON ({error}); {fix}") from None
     samples = path.with_name("samples.jsonl")
     if not samples.exists():
         raise ResultError(f"{samples}: missing beside {path.name}")
-    record["samples"] = [json.loads(line) for line in samples.read_text().splitlines()]
+    record["samples"] = []
+    for number, line in enumerate(samples.read_bytes().splitlines(), 1):
+        try:
+            record["samples"].append(json.loads(line))
+        except ValueError as error:
+            raise ResultError(f"{samples}:{number}: not valid JSON ({error}); {fix}") from None
     docs = {(s["task"], s["doc_id"]) for s in record["samples"]}
     expected = sum(count["effective"] for count in record["n_samples"].values())
     if len(docs) != expected:
@@ -162,18 +178,29 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     return add_proxies(frame, results_dir)
 
 
+# Ablation kinds with a proxy, and the prefix of its columns in proxies.csv (ablate.proxy).
+PROXY_KINDS = {"layer": "", "attn": "attn_", "mlp": "mlp_"}
+
+
 def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
-    """Proxy values of each layer-skip row, and per (panel, series) their Spearman ρ with −Δ."""
-    for (model, task), rows in frame[frame["ablation_kind"] == "layer"].groupby(["model", "task"]):
+    """Proxy values of each layer or sublayer row, and per (panel, series) their Spearman ρ
+    with −Δ."""
+    with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_KINDS))]
+    for (model, task, kind), rows in with_proxy.groupby(["model", "task", "ablation_kind"]):
         path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
         if not path.exists():
             raise ResultError(f"{path}: missing (the baseline evaluation writes it)")
         proxies = pd.read_csv(path).set_index("layer")
         for name in PROXIES:
-            frame.loc[rows.index, name] = proxies.loc[rows["layer"], name].to_numpy()
-    for _, rows in frame[frame["ablation_kind"] == "layer"].groupby(["panel", "series"]):
+            column = PROXY_KINDS[kind] + name
+            if column not in proxies:
+                raise ResultError(f"{path}: no {column} (an older baseline: delete its folder)")
+            frame.loc[rows.index, name] = proxies.loc[rows["layer"], column].to_numpy()
+    for _, rows in with_proxy.groupby(["panel", "series"]):
         for name in PROXIES:
-            frame.loc[rows.index, f"spearman_{name}"] = spearman(rows[name], -rows["delta"])
+            frame.loc[rows.index, f"spearman_{name}"] = spearman(
+                frame.loc[rows.index, name], -rows["delta"]
+            )
     return frame
 
 

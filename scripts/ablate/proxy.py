@@ -6,7 +6,9 @@ For decoder layer l with input h_in and output h_out at a token:
 * angular distance (Gromov et al. 2024, block size n = 1): mean arccos(cos(h_in, h_out)) / π;
 
 both averaged over every non-padding token of every prompt. A high value means the layer
-changes the residual stream a lot, i.e. it should matter more when skipped.
+changes the residual stream a lot, i.e. it should matter more when skipped. The same two
+measures per sublayer (``attn_*``, ``mlp_*``) compare the residual stream before and after that
+sublayer alone: h_in against h_mid = h_in + attention output, and h_mid against h_out.
 """
 
 from __future__ import annotations
@@ -20,35 +22,60 @@ from torch import nn
 
 from ablate.ablations import decoder_layers
 
+PARTS = ("", "attn_", "mlp_")  # whole layer, attention sublayer, MLP sublayer
+
 
 def layer_proxies(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> pd.DataFrame:
-    """Block influence and angular distance of every decoder layer (columns layer, block_influence,
-    angular_distance), from one forward pass per (input_ids, attention_mask) batch.
+    """Block influence and angular distance of every decoder layer and of its attention and MLP
+    sublayers (columns layer, block_influence, angular_distance, attn_block_influence, ...), from
+    one forward pass per (input_ids, attention_mask) batch.
 
-    Layer inputs and outputs are captured by forward hooks; only float64 running sums are kept.
+    Layer inputs, attention outputs and layer outputs are captured by forward hooks; only float64
+    running sums are kept.
     """
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)
-    angle_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    sums = {
+        (part, name): torch.zeros(len(layers), dtype=torch.float64, device=device)
+        for part in PARTS
+        for name in ("cos", "angle")
+    }
+    attention: dict[int, torch.Tensor] = {}
     tokens = 0
+
+    def add(part: str, index: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        cos = nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)
+        cos = cos[mask.to(cos.device)]  # layers may sit on other devices than the embedding
+        sums[(part, "cos")][index] += cos.sum().to(device)
+        angle = torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi
+        sums[(part, "angle")][index] += angle.to(device)
+
+    def keep_attention(index: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            attention[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
 
     def capture(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output if isinstance(output, torch.Tensor) else output[0]
-            cos = nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-            cos = cos[mask.to(cos.device)]  # layers may sit on other devices than the embedding
-            cos_sum[index] += cos.sum().to(device)
-            angle_sum[index] += (torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi).to(device)
+            h_mid = h_in + attention.pop(index)  # the residual stream between the sublayers
+            add("", index, h_in, h_out)
+            add("attn_", index, h_in, h_mid)
+            add("mlp_", index, h_mid, h_out)
 
         return hook
 
     handles = [
-        layer.register_forward_hook(capture(index), with_kwargs=True)
+        handle
         for index, layer in enumerate(layers)
+        for handle in (
+            layer.self_attn.register_forward_hook(keep_attention(index)),
+            layer.register_forward_hook(capture(index), with_kwargs=True),
+        )
     ]
     try:
         with torch.no_grad():
@@ -65,13 +92,11 @@ def layer_proxies(
             handle.remove()
     if tokens == 0:
         raise ValueError("no non-padding tokens in the batches")
-    return pd.DataFrame(
-        {
-            "layer": range(len(layers)),
-            "block_influence": (1.0 - cos_sum / tokens).cpu().numpy(),
-            "angular_distance": (angle_sum / tokens).cpu().numpy(),
-        }
-    )
+    columns = {"layer": range(len(layers))}
+    for part in PARTS:
+        columns[f"{part}block_influence"] = (1.0 - sums[(part, "cos")] / tokens).cpu().numpy()
+        columns[f"{part}angular_distance"] = (sums[(part, "angle")] / tokens).cpu().numpy()
+    return pd.DataFrame(columns)
 
 
 def prompt_batches(
