@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+import test_integrity
 from ablate.aggregate import ResultError, aggregate
 from ablate.config import ConfigError, load_config_file
 from ablate.plan import load_config, main
 from conftest import REPO
-from test_integrity import CONFIG, write_unit
+from test_integrity import CONFIG
 
 # Line 3 and line 7 both define fig5: YAML alone would keep the second.
 DUPLICATE = """\
@@ -114,13 +115,7 @@ def test_profiles_load_and_rerun_incomplete_jobs(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture()
-def results(tmp_path) -> Path:
-    write_unit(tmp_path, "base", [1, 1, 1, 0])
-    write_unit(tmp_path, "layer0", [0, 0, 1, 0])
-    write_unit(tmp_path, "layer1", [1, 1, 1, 1])
-    return tmp_path
-
+results = test_integrity.results  # the fixture of fake unit results, shared
 
 FIX = (
     "an incomplete evaluation output: delete {} and rerun "
