@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,8 +12,8 @@ import yaml
 from ablate.aggregate import COLUMNS
 from ablate.claims import check_claims, claim_figures, load_claims, parse_claim
 from ablate.config import figure_runs
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "workflow/config/claims.yaml"
 PAPER_HEADS = "paper semantics: head h silences its KV group"
 

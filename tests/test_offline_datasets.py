@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from ablate.offline_datasets import MANIFEST, MISSING, build
+from conftest import DATA_DIR
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 SUBJECTS = ["anatomy", "high_school_physics"]
 TASKS = ["hellaswag", "mathqa", "openbookqa", "gsm8k", "gsm8k_cot"] + [
     f"mmlu_{subject}{protocol}"

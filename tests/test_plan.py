@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
 from ablate.cost import calibrated_rates, chunk_seconds, prior_rates
 from ablate.plan import load_config, plan, planned_chunks, total_row
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = load_config(REPO / "config.yaml")
 DEMO = load_config(REPO / "workflow/config/demo.yaml")
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import pytest
 
 from ablate.lm_eval_tasks import TASKS_DIR, task_manager
+from conftest import DATA_DIR
 
 sys.path.insert(0, str(TASKS_DIR))
 import utils as task_utils
 
-DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 SEED = 1234  # the run's fewshot_random_seed
 DOCS = 3
 SUBJECT = "high_school_physics"  # MMLU: one subject's registered task
@@ -29,7 +28,7 @@ SUBJECT = "high_school_physics"  # MMLU: one subject's registered task
 def registered_manager():
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(metadata={"data_dir": DATA_DIR})
+    return TaskManager(metadata={"data_dir": str(DATA_DIR)})
 
 
 def mmlu_subject(data_dir: str, files: dict[str, str], **_):
@@ -85,7 +84,7 @@ CASES = [
 
 
 def local_requests(name: str, num_fewshot: int | None) -> dict[str, list]:
-    (task,) = task_manager({"local": True}, DATA_DIR).load([name])["tasks"].values()
+    (task,) = task_manager({"local": True}, str(DATA_DIR)).load([name])["tasks"].values()
     # MMLU interleaves its 57 subjects: enough documents to hold DOCS of the chosen subject.
     docs = DOCS * 57 if name.startswith("mmlu") else DOCS
     built = requests_by_document(task, num_fewshot, docs)
@@ -112,7 +111,7 @@ def test_gsm8k_shots_are_drawn_per_document_as_lm_eval_draws_them():
     """lm-eval's gsm8k samples each document's shots with its seeded generator (not the first n
     training rows); gsm8k_cot prepends Wei et al.'s 8 exemplars by default."""
     one_shot = [entry["requests"][0][0] for entry in local_requests("gsm8k_local", 1).values()]
-    first_train = next(iter(task_utils.local_jsonl(DATA_DIR, GSM8K)["train"]))["question"]
+    first_train = next(iter(task_utils.local_jsonl(str(DATA_DIR), GSM8K)["train"]))["question"]
     assert not any(context.startswith(f"Question: {first_train}") for context in one_shot)
     assert len({context.split("\n\n")[0] for context in one_shot}) == DOCS
     (cot, *_) = [
@@ -127,7 +126,7 @@ def test_a_one_word_difference_is_caught():
 
     config = load_yaml(TASKS_DIR / "mmlu_continuation_local.yaml", resolve_func=True)
     config["description"] = config["description"].replace("questions", "multiple choice questions")
-    manager = task_manager({"local": True}, DATA_DIR)
+    manager = task_manager({"local": True}, str(DATA_DIR))
     (task,) = manager.load([config])["tasks"].values()
     changed = {
         doc: entry
@@ -146,4 +145,4 @@ def test_mmlu_stand_ins_refuse_few_shot(tmp_path):
 
     task = {"lm_eval_task": "mmlu_local", "local": True, "num_fewshot": 5}
     with pytest.raises(ValueError, match=r"num_fewshot: 5 for mmlu_local, which allows at most 0"):
-        prefetch_task(task, DATA_DIR, tmp_path / "task.json")
+        prefetch_task(task, str(DATA_DIR), tmp_path / "task.json")

@@ -6,21 +6,19 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO.parent / "shared" / "data").resolve()
+from conftest import DATA_DIR, SMOLLM2, snakemake, snakemake_command
+
+pytestmark = pytest.mark.slow
 CONFIG = {
     "data_dir": str(DATA_DIR),
-    "models": {
-        "smollm2": {"source": "embedded", "params_b": 0.135, "num_layers": 30, "num_heads": 9,
-                    "num_kv_heads": 3},
-    },
+    "models": {"smollm2": SMOLLM2},
     "tasks": {"kv": {"lm_eval_task": "kv_retrieval_short", "protocol": "loglikelihood",
                      "limit": 16, "batch_size": 4}},
     "figures": {"one": {"title": "one layer", "ablation": {"kind": "layer", "layers": [3]},
@@ -28,12 +26,6 @@ CONFIG = {
                         "panels": [{"metric": "acc"}]}},
 }  # fmt: skip
 TARGET = "results/evaluate/smollm2/kv/layer3/results.json"
-
-
-def command(workdir: Path, target: str = TARGET) -> list[str]:
-    return [sys.executable, "-m", "snakemake", target, "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(workdir), "--cores", "1",
-            "--configfile", str(workdir / "config.yaml")]  # fmt: skip
 
 
 def cached_requests(workdir: Path) -> int:
@@ -55,9 +47,13 @@ def test_killed_job_is_not_trusted_and_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     # Download and baseline first, so the job we kill is the ablated evaluation.
     baseline = "results/evaluate/smollm2/kv/base/results.json"
-    prepared = subprocess.run(command(tmp_path, baseline), capture_output=True, text=True)
+    prepared = snakemake(tmp_path, baseline, cores=1)
     assert prepared.returncode == 0, prepared.stdout[-2000:]
-    runner = subprocess.Popen(command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runner = subprocess.Popen(
+        snakemake_command(tmp_path, TARGET, cores=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while cached_requests(tmp_path) < 4 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -70,7 +66,7 @@ def test_killed_job_is_not_trusted_and_resumes(tmp_path):
     assert not (tmp_path / TARGET).with_name("samples.jsonl").exists()
     done_before_kill = cached_requests(tmp_path)
 
-    rerun = subprocess.run(command(tmp_path), capture_output=True, text=True)
+    rerun = snakemake(tmp_path, TARGET, cores=1)
     assert rerun.returncode == 0, rerun.stdout[-2000:]
     log = (tmp_path / "logs/evaluate/smollm2/kv/layer3.log").read_text()
     assert f"Cached requests: {done_before_kill}," in log

@@ -15,14 +15,17 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO.parent / "shared" / "data").resolve()
+from conftest import DATA_DIR, REPO
+
 JOBCOMP = Path("/var/log/slurm/jobcomp.log")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sbatch") is None and not os.environ.get("CI"),
-    reason="no SLURM here (CI starts one with .ci/slurm-up.sh)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None and not os.environ.get("CI"),
+        reason="no SLURM here (CI starts one with .ci/slurm-up.sh)",
+    ),
+]
 
 
 def test_figure_through_slurm(tmp_path):

@@ -10,19 +10,18 @@ import pytest
 from ablate.ablations import Ablation
 from ablate.backends.hf import evaluate
 from ablate.job import Job
+from conftest import DATA_DIR, SMOLLM2
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = str((REPO.parent / "shared" / "data").resolve())
-MODEL = {"source": "embedded", "params_b": 0.135, "num_layers": 30, "num_heads": 9,
-         "num_kv_heads": 3, "dtype": "float32", "device": "cpu"}  # fmt: skip
+pytestmark = pytest.mark.slow  # full lm-eval evaluations, twice per ablation
+MODEL = SMOLLM2 | {"dtype": "float32", "device": "cpu"}
 # Every kind of ablation, in an order that is not sorted by first changed layer.
 ABLATIONS = ["base", "layer13", "head29.4", "layer0", "kvgroup7.1", "oproj5_from_noisy",
-             "oprojcum3_from_noisy", "layer29"]  # fmt: skip
+             "oprojcum3_from_noisy", "layer29", "attn6", "mlp2"]  # fmt: skip
 
 
 def run(tmp_path: Path, embedded_dir, perturbed_dir, task: dict, ids, reuse: bool) -> dict:
     job = Job(
-        model_dir=embedded_dir, model=MODEL, task=task, data_dir=DATA_DIR,
+        model_dir=embedded_dir, model=MODEL, task=task, data_dir=str(DATA_DIR),
         source_dir=perturbed_dir, prefix_reuse=reuse,
     )  # fmt: skip
     out = tmp_path / ("sweep" if reuse else "plain")

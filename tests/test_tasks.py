@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +12,16 @@ import torch
 from ablate.backends.hf import budget_hits
 from ablate.lm_eval_tasks import TASKS_DIR, task_manager
 from ablate.metrics import acc_ce, mean_and_stderr
+from conftest import DATA_DIR
 
 sys.path.insert(0, str(TASKS_DIR))
 import utils as task_utils
 
-DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
 def load_task(name: str):
-    manager = task_manager({"local": True}, DATA_DIR)
+    manager = task_manager({"local": True}, str(DATA_DIR))
     (task,) = manager.load([name])["tasks"].values()
     return task
 
@@ -36,7 +35,7 @@ def first_doc(task):
 
 def reference_kv_doc() -> dict:
     """The first document of lost-in-the-middle's 75-key file."""
-    with Path(DATA_DIR, "kv_retrieval/kv-retrieval-75_keys.jsonl").open() as handle:
+    with (DATA_DIR / "kv_retrieval/kv-retrieval-75_keys.jsonl").open() as handle:
         return json.loads(handle.readline())
 
 
@@ -157,10 +156,20 @@ def test_budget_hits_count_unfinished_generations():
 
 def test_mmlu_interleaves_subjects_for_small_limits():
     task = load_task("mmlu_local")
-    docs = list(task.test_docs())[:57]
-    assert len({doc["subject"] for doc in docs}) == 57
-    assert task.doc_to_text(docs[0]).endswith("\nAnswer:")
-    assert "about abstract algebra" in task.config.description or "{{" in task.config.description
+    docs = list(task.test_docs())
+    subjects = sorted({doc["subject"] for doc in docs})
+    # Round-robin: each block of 57 documents holds every subject once, in alphabetical order.
+    assert len(subjects) == 57
+    assert [doc["subject"] for doc in docs[:57]] == subjects
+    assert [doc["subject"] for doc in docs[57:114]] == subjects
+    # The prompt lm-eval builds for a document names that document's subject.
+    for doc in (docs[0], docs[30], docs[113]):
+        about = doc["subject"].replace("_", " ")
+        assert task.fewshot_context(doc, 0) == (
+            f"The following are multiple choice questions (with answers) about {about}.\n\n"
+            + task.doc_to_text(doc)
+        )
+        assert task.doc_to_text(doc).endswith("\nAnswer:")
 
 
 @pytest.mark.parametrize(

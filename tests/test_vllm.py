@@ -9,22 +9,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO.parent / "shared" / "data").resolve()
-VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm/bin/python")).absolute()
-UNITS = ["base", "layer13", "layer29", "head2.4", "oproj3_from_smollm2_noisy"]
+from conftest import DATA_DIR, REPO, snakemake
 
-pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.exists() and not os.environ.get("CI"),
-    reason="no vLLM environment: run `make setup-vllm` (CI always has it)",
-)
+VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm/bin/python")).absolute()
+UNITS = ["base", "layer13", "layer29", "head2.4", "oproj3_from_smollm2_noisy", "attn5", "mlp11"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not VLLM_PYTHON.exists() and not os.environ.get("CI"),
+        reason="no vLLM environment: run `make setup-vllm` (CI always has it)",
+    ),
+]
 
 
 def samples(workdir: Path, task: str, unit: str) -> pd.DataFrame:
@@ -39,12 +41,7 @@ def both_backends(tmp_path_factory) -> Path:
     config["data_dir"] = str(DATA_DIR)
     config["evaluation"]["vllm"]["python"] = str(VLLM_PYTHON)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "vllm_layers", "vllm_heads", "vllm_oproj",
-         "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-         "--configfile", str(workdir / "config.yaml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    result = snakemake(workdir, "vllm_layers", "vllm_heads", "vllm_oproj", "vllm_sublayers")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 

