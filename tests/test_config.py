@@ -159,7 +159,7 @@ def test_cross_key_errors_name_the_key(case):
         ),
         (
             lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
-            "(allowed: layer, head, kv_group, paper_head, oproj, oproj_cumulative)",
+            "(allowed: layer, attn, mlp, head, kv_group, paper_head, oproj, oproj_cumulative)",
         ),
         (
             lambda c: c["models"]["smollm2"].update(dtyp="bfloat16"),
