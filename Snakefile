@@ -14,7 +14,9 @@ from ablate.config import ConfigError, load_config_file
 # files are read again, strictly, before any job: the --configfile files, else the default one
 # (below); missing ones Snakemake reports. (It parses --configfile before this file runs, so a
 # syntax error there stops it first: `python -m ablate.plan all --configfile X` names the line.)
-for config_path in workflow.overwrite_configfiles or ([] if config else ["config.yaml"]):
+for config_path in workflow.overwrite_configfiles or (
+    [] if config else ["config.yaml"]
+):
     if Path(config_path).exists():
         try:
             load_config_file(config_path)
