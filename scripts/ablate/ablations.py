@@ -50,8 +50,8 @@ ID_PREFIX = {
 }
 HEAD_KINDS = ("head", "kv_group")  # units within one layer's attention
 SOURCE_KINDS = ("oproj", "oproj_cumulative")  # units that take tensors from a source model
-# Sublayer kinds: the module whose output is zeroed, and the projection whose zero weight does it.
-SUBLAYERS = {"attn": ("self_attn", "self_attn.o_proj"), "mlp": ("mlp", "mlp.down_proj")}
+# Sublayer kinds and the module of a decoder layer whose output each one zeroes.
+SUBLAYERS = {"attn": "self_attn", "mlp": "mlp"}
 CONFIG_KINDS = (*ID_PREFIX, "paper_head")
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
 ABLATION_PATTERN = (
@@ -251,11 +251,12 @@ class WeightEdit:
 def weight_edits(ablation: Ablation, arch: Architecture) -> list[WeightEdit]:
     """The exact weight-edit form of ``ablation`` (empty for the baseline)."""
     arch.check(ablation)
-    if ablation.kind == "layer":
+    if ablation.kind == "attn":
+        return [WeightEdit(o_proj_key(ablation.layer))]
+    if ablation.kind == "mlp":
+        return [WeightEdit(down_proj_key(ablation.layer))]
+    if ablation.kind == "layer":  # both sublayers
         return [WeightEdit(o_proj_key(ablation.layer)), WeightEdit(down_proj_key(ablation.layer))]
-    if ablation.kind in SUBLAYERS:
-        projection = SUBLAYERS[ablation.kind][1]
-        return [WeightEdit(f"model.layers.{ablation.layer}.{projection}.weight")]
     if ablation.kind in HEAD_KINDS:
         heads = arch.silenced_heads(ablation)
         columns = (heads.start * arch.head_dim, heads.stop * arch.head_dim)
@@ -373,7 +374,7 @@ def ablated(
             block = layers[ablation.layer]
             handles.append(block.register_forward_hook(_skip_layer, with_kwargs=True))
         elif ablation.kind in SUBLAYERS:
-            sublayer = layers[ablation.layer].get_submodule(SUBLAYERS[ablation.kind][0])
+            sublayer = layers[ablation.layer].get_submodule(SUBLAYERS[ablation.kind])
             handles.append(sublayer.register_forward_hook(_zero_output))
         elif ablation.kind in HEAD_KINDS:
             o_proj = layers[ablation.layer].self_attn.o_proj

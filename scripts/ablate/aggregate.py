@@ -186,16 +186,19 @@ def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
     """Proxy values of each layer or sublayer row, and per (panel, series) their Spearman ρ
     with −Δ."""
     with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_KINDS))]
-    for (model, task, kind), rows in with_proxy.groupby(["model", "task", "ablation_kind"]):
+    for (model, task), rows in with_proxy.groupby(["model", "task"]):
         path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
         if not path.exists():
             raise ResultError(f"{path}: missing (the baseline evaluation writes it)")
-        proxies = pd.read_csv(path).set_index("layer")
-        for name in PROXIES:
-            column = PROXY_KINDS[kind] + name
-            if column not in proxies:
-                raise ResultError(f"{path}: no {column} (an older baseline: delete its folder)")
-            frame.loc[rows.index, name] = proxies.loc[rows["layer"], column].to_numpy()
+        proxies = pd.read_csv(path).set_index("layer")  # once for layer and sublayer rows
+        for kind, kind_rows in rows.groupby("ablation_kind"):
+            for name in PROXIES:
+                column = PROXY_KINDS[kind] + name
+                if column not in proxies:
+                    raise ResultError(f"{path}: no {column} (an older baseline: delete its folder)")
+                frame.loc[kind_rows.index, name] = proxies.loc[
+                    kind_rows["layer"], column
+                ].to_numpy()
     for _, rows in with_proxy.groupby(["panel", "series"]):
         for name in PROXIES:
             frame.loc[rows.index, f"spearman_{name}"] = spearman(

@@ -197,7 +197,11 @@ def _is_index(value: Any) -> bool:
 
 def load_claims(path: Path) -> list[Claim]:
     """The claims of a YAML list; ValueError for a malformed or duplicate claim."""
-    raw = yaml.safe_load(Path(path).read_text())
+    return parse_claims(yaml.safe_load(Path(path).read_text()), path)
+
+
+def parse_claims(raw: Any, path: Path | str) -> list[Claim]:
+    """The claims of a loaded YAML list (``path``: where it came from, for messages)."""
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a list of claims")
     claims = [parse_claim(item) for item in raw]

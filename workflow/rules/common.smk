@@ -5,7 +5,7 @@ import yaml
 
 # ablate is on sys.path: the Snakefile put it there to check the config files.
 from ablate.backends import BACKENDS
-from ablate.claims import claim_figures, load_claims
+from ablate.claims import claim_figures, parse_claims
 from ablate.config import (
     ConfigError,
     evaluation_chunks,
@@ -161,7 +161,7 @@ CLAIMS_FILE = (
 # Checked at parse time; each figure's check gets its own claims as data, so editing one claim
 # reruns one figure's check, and moving the checkout reruns none.
 RAW_CLAIMS = yaml.safe_load(Path(CLAIMS_FILE).read_text())
-CLAIMS = load_claims(CLAIMS_FILE)
+CLAIMS = parse_claims(RAW_CLAIMS, CLAIMS_FILE)
 
 
 def claimed_figures(wildcards):

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from ablate.ablations import Ablation
     from ablate.job import Job
 
-PHASES = ("prefill", "decode")
-
 
 @dataclass(frozen=True)
 class Backend:
