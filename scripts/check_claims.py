@@ -15,5 +15,6 @@ with rule_log(snakemake.log[0]):  # noqa: F821
     claims = [parse_claim(raw) for raw in json.loads(snakemake.params.claims)]  # noqa: F821
     models = json.loads(snakemake.params.models)  # noqa: F821 (figure id -> its model ids)
     frames = {figure: pd.read_csv(snakemake.input[figure]) for figure in models}  # noqa: F821
-    table = check_claims(claims, frames, {f: set(ids) for f, ids in models.items()})
+    num_layers = json.loads(snakemake.params.num_layers)  # noqa: F821 (model id -> its layers)
+    table = check_claims(claims, frames, {f: set(ids) for f, ids in models.items()}, num_layers)
     write_csv(table, snakemake.output.csv)  # noqa: F821

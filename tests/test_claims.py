@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ablate.aggregate import COLUMNS
-from ablate.claims import check_claims, claim_figures, load_claims, parse_claim
+from ablate.claims import check_claims, claim_figures, depth_layers, load_claims, parse_claim
 from ablate.config import figure_runs
 from conftest import REPO
 
@@ -60,12 +60,15 @@ def figure_frame(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def verdicts(raw_claims, *frames: pd.DataFrame, models=("llama31_8b",)) -> pd.DataFrame:
-    """Verdicts with each frame as the CSV of the figure it names; every figure draws ``models``."""
+def verdicts(
+    raw_claims, *frames: pd.DataFrame, models=("llama31_8b",), num_layers=None, index="claim"
+) -> pd.DataFrame:
+    """Verdicts with each frame as the CSV of the figure it names; every figure draws ``models``
+    (of ``num_layers`` layers: model id -> count)."""
     claims = [parse_claim(raw) for raw in raw_claims]
     by_figure = {frame["figure"].iloc[0]: frame for frame in frames}
     figure_models = {figure: set(models) for figure in by_figure}
-    return check_claims(claims, by_figure, figure_models).set_index("claim")
+    return check_claims(claims, by_figure, figure_models, num_layers).set_index(index)
 
 
 def with_predicate(claim: dict, **changes) -> dict:
@@ -82,8 +85,9 @@ def test_predicate_holds_and_fails():
     assert fails.loc["kv_first", "verdict"] == "does not hold"
     assert fails.loc["dips", "verdict"] == "does not hold"  # layer 5: 0, not < median 0
     assert list(fails.reset_index().columns) == [
-        "claim", "figure", "text", "paper_value", "reproduced_value", "verdict",
+        "claim", "figure", "model", "text", "paper_value", "reproduced_value", "verdict",
     ]  # fmt: skip
+    assert (fails["model"] == "llama31_8b").all()  # a named model's claim: that model
 
 
 def test_other_model_is_not_comparable_but_computed():
@@ -183,8 +187,11 @@ def test_shipped_claims_select_real_units_of_the_paper_config():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     frames = {figure: paper_skeleton(config, figure) for figure in config["figures"]}
     models = {figure: set(frame["model"]) for figure, frame in frames.items()}
-    result = check_claims(claims, frames, models).set_index("claim")
-    assert not (result["verdict"] == "not comparable").any(), result[["figure", "verdict"]]
+    num_layers = {model: spec["num_layers"] for model, spec in config["models"].items()}
+    result = check_claims(claims, frames, models, num_layers).set_index("claim")
+    assert not result["verdict"].str.startswith("not comparable").any(), result[
+        ["figure", "verdict"]
+    ]
     assert result["reproduced_value"].notna().all()
 
 
@@ -388,3 +395,196 @@ def test_than_inherits_the_claims_own_selection():
     assert claim.than is not None
     assert (claim.than.figure, claim.than.model, claim.than.metric) == ("fig8", "llama1_7b", "acc")
     assert (claim.than.layers, claim.than.quantity, claim.than.statistic) == ((10,), "score", "min")
+
+
+ANY_DEPTH = {
+    "id": "any_depth",
+    "figure": "fig5",
+    "model": "any",
+    "text": "a significant drop in the middle layers",
+    "paper_value": "drops",
+    "predicate": {"metric": "acc", "depth": [0.3, 0.7], "statistic": "significant_drops",
+                  "op": ">=", "value": 1},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "depth", "expected"),
+    [
+        (30, [0, 0.125], range(0, 4)),  # early: l < L/8
+        (32, [0, 0.125], range(0, 4)),
+        (36, [0, 0.125], range(0, 5)),
+        (30, [0, 0.15], range(0, 5)),  # first 15%
+        (32, [0, 0.15], range(0, 5)),
+        (36, [0, 0.15], range(0, 6)),
+        (30, [0.3, 0.7], range(9, 21)),  # middle: 9/30 is 0.3 exactly, 21/30 is 0.7
+        (32, [0.3, 0.7], range(10, 23)),
+        (36, [0.3, 0.7], range(11, 26)),
+        (30, [0.7, 1], range(21, 30)),  # deep, the last layer included
+        (32, [0.7, 1], range(23, 32)),
+        (36, [0.7, 1], range(26, 36)),
+        (30, "last", [29]),
+        (32, "last", [31]),
+        (36, "last", [35]),
+    ],
+)
+def test_depth_selects_fractions_of_the_models_layers(num_layers, depth, expected):
+    claim = with_predicate(ANY_DEPTH, depth=depth, statistic="significant_drops")
+    parsed = parse_claim(claim).selection.depth
+    assert depth_layers(parsed, num_layers) == tuple(expected)
+    # Through the check: a significant drop at exactly the expected layers counts them all...
+    inside = [layer in expected for layer in range(num_layers)]
+    frame = figure_frame([-0.2] * num_layers, "m", significant=inside)
+    result = verdicts([claim], frame, models=("m",), num_layers={"m": num_layers}).iloc[0]
+    assert (result["reproduced_value"], result["verdict"]) == (len(expected), "holds")
+    # ...and one at every other layer counts none.
+    outside = figure_frame([-0.2] * num_layers, "m", significant=[not i for i in inside])
+    result = verdicts([claim], outside, models=("m",), num_layers={"m": num_layers}).iloc[0]
+    assert (result["reproduced_value"], result["verdict"]) == (0, "does not hold")
+    # Without the model's layer count a depth selects nothing.
+    result = verdicts([claim], frame, models=("m",), num_layers={}).iloc[0]
+    assert result["verdict"] == "not comparable" and math.isnan(result["reproduced_value"])
+
+
+def test_depth_takes_the_swept_layers_of_its_range():
+    sweep = [0, 1, 2, 4, 7, 10, 14, 18, 22, 26, 28, 29]  # the demo's 12 of 30 layers
+    frame = figure_frame([-0.3] + [-0.01] * 11, "smollm2").assign(layer=sweep)
+    middle = with_predicate(ANY_DEPTH, statistic="mean", op="<", value=0)
+    result = verdicts([middle], frame, models=("smollm2",), num_layers={"smollm2": 30}).iloc[0]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(-0.01), "holds")
+    gap = with_predicate(middle, depth=[0.1, 0.13])  # layer 3 (3/30) was not swept
+    result = verdicts([gap], frame, models=("smollm2",), num_layers={"smollm2": 30}).iloc[0]
+    assert result["verdict"] == "not comparable"
+    # than with depth: last layer (Δ −0.01) against the swept early ones (0-2: −0.3, −0.01, −0.01).
+    last = with_predicate(middle, depth="last", than={"depth": [0, 0.125]}, op=">", value=0)
+    result = verdicts([last], frame, models=("smollm2",), num_layers={"smollm2": 30}).iloc[0]
+    assert (result["reproduced_value"], result["verdict"]) == (
+        pytest.approx(0.32 / 3 - 0.01),
+        "holds",
+    )
+
+
+def test_model_any_gives_one_verdict_per_model_of_the_csv():
+    # Layer 5 is in the first 15% of 36 layers (5/36 < 0.15), not of 30 (5/30 > 0.15).
+    first = with_predicate(ANY_DEPTH, depth=[0, 0.15])
+    significant = {n: [layer == 5 for layer in range(n)] for n in (30, 36)}
+    frame = pd.concat([
+        figure_frame([-0.2] * 30, "smollm2", series="SmolLM2", significant=significant[30]),
+        figure_frame([-0.2] * 36, "qwen3_8b", series="Qwen3-8B", significant=significant[36]),
+    ])  # fmt: skip
+    num_layers = {"smollm2": 30, "qwen3_8b": 36}
+    result = verdicts([first], frame, models=tuple(num_layers), num_layers=num_layers,
+                      index="model")  # fmt: skip
+    assert list(result.index) == ["qwen3_8b", "smollm2"]
+    assert (result["claim"] == "any_depth").all()
+    assert result.loc["qwen3_8b", "reproduced_value"] == 1
+    assert result.loc["qwen3_8b", "verdict"] == "holds"
+    assert result.loc["smollm2", "reproduced_value"] == 0
+    assert result.loc["smollm2", "verdict"] == "does not hold"
+    # A model of the CSV its config does not draw (a stale CSV) is not comparable.
+    result = verdicts([first], frame, models=("qwen3_8b",), num_layers=num_layers, index="model")
+    assert result.loc["smollm2", "verdict"] == "not comparable"
+    # No figure CSV: one row, not comparable.
+    missing = check_claims([parse_claim(first)], {}, {}, num_layers)
+    assert list(missing[["model", "verdict"]].iloc[0]) == ["any", "not comparable"]
+
+
+def test_model_any_than_compares_each_model_with_its_own_series():
+    # "Reasoning uses deeper layers than retrieval": deep GSM8K drops minus deep KV drops >= 1.
+    deeper = {
+        "id": "deeper", "figure": "fig14", "model": "any", "text": "deeper than KV",
+        "paper_value": "deeper",
+        "predicate": {"metric": "exact_match", "depth": [0.7, 1], "statistic": "significant_drops",
+                      "than": {"figure": "fig5", "metric": "acc"}, "op": ">=", "value": 1},
+    }  # fmt: skip
+    deep = [layer >= 7 for layer in range(10)]  # layers 7-9 of 10
+    one_deep = [layer == 9 for layer in range(10)]
+
+    def sweep(figure, metric, model, significant):
+        return figure_frame([-0.2] * 10, model, metric, figure, model, significant=significant)
+
+    fig14 = pd.concat([sweep("fig14", "exact_match", "a", deep),
+                       sweep("fig14", "exact_match", "b", one_deep),
+                       sweep("fig14", "exact_match", "c", deep)])  # fmt: skip
+    fig5 = pd.concat([sweep("fig5", "acc", "a", [False] * 10), sweep("fig5", "acc", "b", one_deep)])
+    num_layers = {"a": 10, "b": 10, "c": 10}
+    result = verdicts([deeper], fig14, fig5, models=("a", "b", "c"), num_layers=num_layers,
+                      index="model")  # fmt: skip
+    assert (result.loc["a", "reproduced_value"], result.loc["a", "verdict"]) == (3, "holds")
+    assert (result.loc["b", "reproduced_value"], result.loc["b", "verdict"]) == (
+        0, "does not hold",
+    )  # fmt: skip
+    assert result.loc["c", "verdict"] == "not comparable"  # c has no KV series in fig5
+
+
+def test_baseline_at_floor_is_not_comparable():
+    near_zero = with_predicate(ANY_DEPTH, metric="exact_match", op="<=", value=0)  # "≈ 0"
+    near_zero["figure"] = "fig11"
+
+    def gsm8k(baseline, figure="fig11", metric="exact_match,flexible-extract"):
+        return figure_frame([0.0] * 30, "smollm2", metric, figure, baseline=baseline)
+
+    def check(claim, *frames):
+        return verdicts([claim], *frames, models=("smollm2",), num_layers={"smollm2": 30}).iloc[0]
+
+    # A model that cannot do the task at all: no drop, but that says nothing.
+    result = check(near_zero, gsm8k(0.0))
+    assert (result["reproduced_value"], result["verdict"]) == (
+        0,
+        "not comparable: baseline at floor",
+    )
+    assert check(near_zero, gsm8k(0.25))["verdict"] == "holds"
+    chance = with_predicate(near_zero, floor=0.25)  # a 4-option log-likelihood task at chance
+    assert check(chance, gsm8k(0.25))["verdict"] == "not comparable: baseline at floor"
+    assert check(chance, gsm8k(0.3))["verdict"] == "holds"
+    # The compared selection's baseline counts too (its floor defaults to the claim's).
+    versus_kv = with_predicate(near_zero, than={"figure": "fig5", "metric": "acc"},
+                               op="abs<=", value=0)  # fmt: skip
+    kv_at_floor = gsm8k(0.0, "fig5", "acc")
+    assert (
+        check(versus_kv, gsm8k(0.5), kv_at_floor)["verdict"] == "not comparable: baseline at floor"
+    )
+    assert check(versus_kv, gsm8k(0.5), gsm8k(0.5, "fig5", "acc"))["verdict"] == "holds"
+    # A missing figure outranks a floor; a named model's claim has no floor unless it sets one.
+    assert check(versus_kv, gsm8k(0.0))["verdict"] == "not comparable"
+    named = near_zero | {"model": "smollm2"}
+    assert check(named, gsm8k(0.0))["verdict"] == "holds"
+
+
+@pytest.mark.parametrize(
+    ("claim", "edit", "key"),
+    [
+        (ANY_DEPTH, {"depth": [0.5, 0.2]}, "predicate.depth"),
+        (ANY_DEPTH, {"depth": [0, 1.5]}, "predicate.depth"),
+        (ANY_DEPTH, {"depth": [-0.1, 0.5]}, "predicate.depth"),
+        (ANY_DEPTH, {"depth": [0.1]}, "predicate.depth"),
+        (ANY_DEPTH, {"depth": [0, True]}, "predicate.depth"),
+        (ANY_DEPTH, {"depth": "deep"}, "predicate.depth"),
+        (ANY_DEPTH, {"layers": [0, 1]}, "predicate.depth"),  # layers and depth
+        (ANY_DEPTH, {"than": {"depth": "first"}}, "predicate.than.depth"),
+        (ANY_DEPTH, {"floor": "chance"}, "predicate.floor"),
+        (KV_FIRST, {"than": {"model": "any"}}, "predicate.than.model"),
+    ],
+)
+def test_malformed_depth_names_id_and_key(claim, edit, key):
+    with pytest.raises(ValueError, match=re.escape(f"claim {claim['id']!r}: {key}:")) as error:
+        parse_claim(with_predicate(claim, **edit))
+    assert "\n" not in str(error.value)
+
+
+def test_shipped_model_agnostic_claims_apply_to_the_demo_model():
+    """The demo's SmolLM2 (30 layers, 12 swept in most figures) gets a verdict for each
+    model: any claim, and "baseline at floor" where it scores 0."""
+    claims = [claim for claim in load_claims(SHIPPED) if claim.model == "any"]
+    assert len(claims) >= 20
+    config = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
+    frames = {figure: paper_skeleton(config, figure) for figure in config["figures"]}
+    models = {figure: set(frame["model"]) for figure, frame in frames.items()}
+    num_layers = {model: spec["num_layers"] for model, spec in config["models"].items()}
+    result = check_claims(claims, frames, models, num_layers)
+    assert list(result["claim"]) == [claim.id for claim in claims]  # one model each
+    assert set(result["model"]) == {"smollm2"}
+    assert result["verdict"].isin(["holds", "does not hold"]).all(), result[["claim", "verdict"]]
+    floored = {figure: frame.assign(baseline=0.0, score=0.0) for figure, frame in frames.items()}
+    result = check_claims(claims, floored, models, num_layers)
+    assert (result["verdict"] == "not comparable: baseline at floor").all()

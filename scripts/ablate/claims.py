@@ -1,12 +1,17 @@
 """The paper's quantitative claims as data (workflow/config/claims.yaml), checked on figure CSVs.
 
 A claim selects one series of one figure CSV (metric, optionally panel and series) and a set of
-ablated units (layers, heads), reduces a quantity of theirs (Δ, ablated score or baseline) with a
-statistic (min, max, mean, or the count of Holm-significant drops or gains) and compares it with a
-threshold. With ``than`` it compares the difference between its statistic and that of a second
-selection (another series, figure or set of units). The verdict is "holds", "does not hold", or
-"not comparable" when a selection is about another model than the paper's (the demo's stand-in),
-or lacks the figure or the units it names.
+ablated units (layers, or ``depth``: a range of fractions of the model's layers; heads), reduces a
+quantity of theirs (Δ, ablated score or baseline) with a statistic (min, max, mean, or the count of
+Holm-significant drops or gains) and compares it with a threshold. With ``than`` it compares the
+difference between its statistic and that of a second selection (another series, figure or set of
+units). The verdict is "holds", "does not hold", or "not comparable" when a selection is about
+another model than the claim's (the demo's stand-in), or lacks the figure or the units it names.
+
+A claim of ``model: any`` (a model-agnostic finding) is checked once per model the figure's CSV
+holds a matching series for, on that model's rows only (its ``than`` too, unless it names a
+model); such a claim's ``floor`` (default 0) makes a series whose unablated baseline is at or
+below it "not comparable: baseline at floor" (a task the model cannot do at all).
 """
 
 from __future__ import annotations
@@ -35,17 +40,25 @@ OPS: dict[str, Callable[[float, Any], bool]] = {
     "between": lambda value, bounds: bounds[0] <= value <= bounds[1],
 }
 RELATIVE = "median"  # threshold = the median Δ over every unit of the selected series
+ANY_MODEL = "any"  # claim model: every model the figure's CSV holds a series for, one row each
+LAST = "last"  # depth: the model's last layer
+ANY_FLOOR = 0.0  # default floor of a model: any selection (baseline <= floor: not comparable)
 CLAIM_KEYS = ("id", "figure", "model", "text", "paper_value", "predicate")
-SELECTION_KEYS = ("metric", "panel", "series", "layers", "heads", "statistic", "quantity")
+SELECTION_KEYS = (
+    "metric", "panel", "series", "layers", "depth", "heads", "statistic", "quantity", "floor",
+)  # fmt: skip
 PREDICATE_KEYS = (*SELECTION_KEYS, "op", "value", "than")
 THAN_KEYS = ("figure", "model", *SELECTION_KEYS)
-RESULT_COLUMNS = ["claim", "figure", "text", "paper_value", "reproduced_value", "verdict"]
+RESULT_COLUMNS = ["claim", "figure", "model", "text", "paper_value", "reproduced_value", "verdict"]
+NOT_COMPARABLE = "not comparable"
+AT_FLOOR = "not comparable: baseline at floor"
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Units of one series of one figure and the statistic reducing them; ``layers``/``heads``
-    None means every unit of the series."""
+    """Units of one series of one figure and the statistic reducing them; ``layers`` (or
+    ``depth``: [low, high) fractions of the model's layers, or "last") and ``heads`` None mean
+    every unit of the series; ``floor``: a baseline at or below it is not comparable."""
 
     figure: str
     model: str
@@ -55,7 +68,9 @@ class Selection:
     panel: int | None = None
     series: str | None = None
     layers: tuple[int, ...] | None = None
+    depth: tuple[float, float] | str | None = None
     heads: tuple[int, ...] | None = None
+    floor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,12 +119,16 @@ def parse_claim(raw: Mapping[str, Any]) -> Claim:
         predicate, PREDICATE_KEYS, ("metric", "statistic", "op", "value"), "predicate.", fail
     )
     base = {"figure": raw["figure"], "model": raw["model"], "quantity": "delta"}
+    if raw["model"] == ANY_MODEL:
+        base["floor"] = ANY_FLOOR
     selection = _parse_selection(predicate, SELECTION_KEYS, base, "predicate.", fail)
     than = predicate.get("than")
     if than is not None:
         if not isinstance(than, Mapping):
             raise fail("predicate.than", f"must be a mapping, not {than!r}")
         _check_keys(than, THAN_KEYS, (), "predicate.than.", fail)
+        if than.get("model") == ANY_MODEL != raw["model"]:
+            raise fail("predicate.than.model", f"{ANY_MODEL!r} only in a model: any claim")
         # Every key than leaves out is the claim's own (null resets layers/heads to every unit).
         than = _parse_selection(
             than, THAN_KEYS, dataclasses.asdict(selection), "predicate.than.", fail
@@ -145,8 +164,15 @@ def _parse_selection(
     prefix: str,
     fail: Callable[[str, str], ValueError],
 ) -> Selection:
-    """``base`` overridden by the ``keys`` of ``raw``, validated; errors name ``prefix + key``."""
+    """``base`` overridden by the ``keys`` of ``raw``, validated; errors name ``prefix + key``.
+    ``layers`` and ``depth`` are one choice: naming either replaces both of ``base``."""
+    if "layers" in raw and "depth" in raw:
+        raise fail(f"{prefix}depth", "give layers or depth, not both")
     fields = dict(base) | {key: raw[key] for key in keys if key in raw}
+    if "layers" in raw:
+        fields["depth"] = None
+    if "depth" in raw:
+        fields["layers"] = None
     for key in ("figure", "model", "metric", "statistic"):
         if not isinstance(fields.get(key), str):
             raise fail(f"{prefix}{key}", f"must be a string, not {fields.get(key)!r}")
@@ -169,7 +195,35 @@ def _parse_selection(
                     f"{prefix}{key}", f"must be a non-empty list of indices, not {indices!r}"
                 )
             fields[key] = tuple(indices)
+    fields["depth"] = _parse_depth(fields.get("depth"), f"{prefix}depth", fail)
+    floor = fields.get("floor")
+    if floor is not None and not _is_number(floor):
+        raise fail(f"{prefix}floor", f"must be a number (a baseline score), not {floor!r}")
     return Selection(**fields)
+
+
+def _parse_depth(
+    depth: Any, key: str, fail: Callable[[str, str], ValueError]
+) -> tuple[float, float] | str | None:
+    if depth is None or depth == LAST:
+        return depth
+    if (
+        isinstance(depth, list | tuple)
+        and len(depth) == 2
+        and all(map(_is_number, depth))
+        and 0 <= depth[0] < depth[1] <= 1
+    ):
+        return (float(depth[0]), float(depth[1]))
+    raise fail(key, f"must be [low, high] with 0 <= low < high <= 1, or {LAST!r}, not {depth!r}")
+
+
+def depth_layers(depth: tuple[float, float] | str, num_layers: int) -> tuple[int, ...]:
+    """The 0-based layers l of an ``num_layers``-layer model with low <= l / L < high (``depth``
+    [low, high]; high 1 takes the last layer), or the last layer alone (``depth`` "last")."""
+    if depth == LAST:
+        return (num_layers - 1,)
+    low, high = depth
+    return tuple(layer for layer in range(num_layers) if low <= layer / num_layers < high)
 
 
 def _check_keys(
@@ -224,46 +278,83 @@ def check_claims(
     claims: Iterable[Claim],
     frames: Mapping[str, pd.DataFrame],
     figure_models: Mapping[str, set[str]],
+    num_layers: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
-    """One row per claim: the reproduced statistic (or difference, with ``than``) and the verdict.
+    """One row per claim (per model for ``model: any``): the reproduced statistic (or difference,
+    with ``than``) and the verdict.
 
     ``frames`` maps figure id to its CSV (aggregate.COLUMNS); ``figure_models`` maps figure id to
-    the model ids its config draws. A selection is comparable only if its model is among those of
-    its figure and is the model of every selected row; a missing figure or unit gives
-    "not comparable" (and NaN when nothing at all was selected).
+    the model ids its config draws; ``num_layers`` model id to its layer count (for ``depth``). A
+    selection is comparable only if its model is among those of its figure and is the model of
+    every selected row; a missing figure or unit (or layer count) gives "not comparable" (and NaN
+    when nothing at all was selected), a baseline at the floor "not comparable: baseline at floor".
     """
+    layer_counts = num_layers or {}
+
+    def reduce(
+        claim: Claim, selection: Selection, model: str
+    ) -> tuple[float, str | None, pd.DataFrame]:
+        return _reduce(claim.id, selection, model, frames, figure_models, layer_counts)
+
     rows = []
     for claim in claims:
-        value, comparable, series = _reduce(claim.id, claim.selection, frames, figure_models)
-        if claim.than is not None:
-            other, other_comparable, _ = _reduce(claim.id, claim.than, frames, figure_models)
-            value, comparable = value - other, comparable and other_comparable
-        if comparable and not math.isnan(value):
-            bound = series["delta"].median(skipna=False) if claim.value == RELATIVE else claim.value
-            verdict = "holds" if OPS[claim.op](value, bound) else "does not hold"
-        else:
-            verdict = "not comparable"
-        rows.append([claim.id, claim.figure, claim.text, claim.paper_value, value, verdict])
+        for model in _claim_models(claim, frames):
+            value, reason, series = reduce(claim, claim.selection, model)
+            if claim.than is not None:
+                other, other_reason, _ = reduce(claim, claim.than, model)
+                value -= other
+                reasons = {reason, other_reason} - {None}
+                reason = NOT_COMPARABLE if NOT_COMPARABLE in reasons else next(iter(reasons), None)
+            if reason is None and math.isnan(value):
+                reason = NOT_COMPARABLE
+            verdict = reason
+            if reason is None:
+                relative = claim.value == RELATIVE
+                bound = series["delta"].median(skipna=False) if relative else claim.value
+                verdict = "holds" if OPS[claim.op](value, bound) else "does not hold"
+            rows.append([claim.id, claim.figure, model, claim.text, claim.paper_value, value,
+                         verdict])  # fmt: skip
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def _claim_models(claim: Claim, frames: Mapping[str, pd.DataFrame]) -> list[str]:
+    """The claim's model, or for ``model: any`` each model with rows of the claim's metric, panel
+    and series in its figure's CSV (``any`` alone where there is none: not comparable)."""
+    frame = frames.get(claim.figure)
+    if claim.model != ANY_MODEL or frame is None:
+        return [claim.model]
+    models = sorted(set(_matching_rows(claim.selection, frame)["model"].astype(str)))
+    return models or [ANY_MODEL]
 
 
 def _reduce(
     claim_id: str,
     selection: Selection,
+    model: str,
     frames: Mapping[str, pd.DataFrame],
     figure_models: Mapping[str, set[str]],
-) -> tuple[float, bool, pd.DataFrame]:
-    """The selection's statistic, whether it is comparable, and the rows of its series."""
+    num_layers: Mapping[str, int],
+) -> tuple[float, str | None, pd.DataFrame]:
+    """The selection's statistic, None or why it is not comparable, and the rows of its series.
+    ``model`` is the one a ``model: any`` selection is checked for (only its rows count)."""
     frame = frames.get(selection.figure)
     if frame is None:
-        return math.nan, False, pd.DataFrame()
+        return math.nan, NOT_COMPARABLE, pd.DataFrame()
+    if selection.model == ANY_MODEL:
+        frame = frame[frame["model"].astype(str) == model]
+    else:
+        model = selection.model
     series = _series_rows(claim_id, selection, frame)
-    units, complete = _unit_rows(selection, series)
+    units, complete = _unit_rows(selection, series, num_layers.get(model))
     if not len(units):
-        return math.nan, False, series
-    in_config = selection.model in figure_models.get(selection.figure, set())
-    comparable = complete and in_config and set(units["model"]) == {selection.model}
-    return _statistic(selection, units), comparable, series
+        return math.nan, NOT_COMPARABLE, series
+    in_config = model in figure_models.get(selection.figure, set())
+    value = _statistic(selection, units)
+    if not (complete and in_config and set(units["model"]) == {model}):
+        return value, NOT_COMPARABLE, series
+    if selection.floor is not None and series["baseline"].max() <= selection.floor:
+        return value, AT_FLOOR, series
+    return value, None, series
 
 
 def _statistic(selection: Selection, units: pd.DataFrame) -> float:
@@ -276,8 +367,8 @@ def _statistic(selection: Selection, units: pd.DataFrame) -> float:
     return float(counted.sum())
 
 
-def _series_rows(claim_id: str, selection: Selection, frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the one (panel, series) the selection's metric/panel/series pick (maybe none)."""
+def _matching_rows(selection: Selection, frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the selection's metric (and panel, series, where set), of any model."""
     metric = frame["metric"].astype(str)
     if "," not in selection.metric:  # a bare metric name matches any filter
         metric = metric.str.split(",").str[0]
@@ -286,7 +377,12 @@ def _series_rows(claim_id: str, selection: Selection, frame: pd.DataFrame) -> pd
         keep &= frame["panel"] == selection.panel
     if selection.series is not None:
         keep &= frame["series"] == selection.series
-    rows = frame[keep]
+    return frame[keep]
+
+
+def _series_rows(claim_id: str, selection: Selection, frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the one (panel, series) the selection's metric/panel/series pick (maybe none)."""
+    rows = _matching_rows(selection, frame)
     groups = rows[["panel", "series"]].drop_duplicates()
     if len(groups) > 1:
         found = ", ".join(f"panel {p} {s!r}" for p, s in groups.itertuples(index=False))
@@ -297,9 +393,17 @@ def _series_rows(claim_id: str, selection: Selection, frame: pd.DataFrame) -> pd
     return rows
 
 
-def _unit_rows(selection: Selection, rows: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
-    """The rows of those of the selection's units present, and whether every named unit is."""
+def _unit_rows(
+    selection: Selection, rows: pd.DataFrame, num_layers: int | None
+) -> tuple[pd.DataFrame, bool]:
+    """The rows of those of the selection's units present, and whether every named unit is (a
+    ``depth`` names the swept layers in its range: at least one must be; it needs the model's
+    ``num_layers``)."""
     complete = True
+    if selection.depth is not None:
+        if num_layers is None:
+            return rows.iloc[:0], False
+        rows = rows[rows["layer"].isin(depth_layers(selection.depth, num_layers))]
     if selection.layers is not None:
         complete = set(selection.layers) <= set(rows["layer"])
         rows = rows[rows["layer"].isin(selection.layers)]

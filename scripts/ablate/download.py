@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from ablate.config import ConfigError
+from ablate.config import ConfigError, check_task_metrics
 from ablate.io import write_atomically
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*"]
@@ -77,19 +80,75 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
     write_atomically(out_dir / "download.json", json.dumps(record, indent=1))
 
 
-def prefetch_task(task: dict[str, Any], data_dir: str, out: Path) -> None:
-    """Build the lm-eval task once: downloads hub datasets into the cache, checks local files."""
+def _missing_data(error: FileNotFoundError, data_dir: str, task_id: str | None, name: str) -> str:
+    """One line for a dataset file that is not there: our loaders' files are under data_dir."""
+    which = f"lm-eval task {name}" + (f" (tasks.{task_id})" if task_id else "")
+    found = re.fullmatch(r"data_dir=.*?: missing (.+)", str(error))
+    if found:
+        return (
+            f"data_dir: missing {found[1]}, which {which} reads (data_dir {data_dir!r} is "
+            f"relative to the working directory {Path.cwd()})"
+        )
+    reason = " ".join(str(error).split())
+    return f"{_key(task_id, 'lm_eval_task')}: {which} reads a missing file: {reason}"
+
+
+def _key(task_id: str | None, field: str) -> str:
+    return f"tasks.{task_id}.{field}" if task_id else field
+
+
+def task_metrics(loaded: dict[str, Any], protocol: str) -> list[str]:
+    """``metric,filter`` of every result the built (sub)tasks report, and ours (acc_ce)."""
+    produced = {"acc_ce,none"} if protocol == "loglikelihood" else set()
+    for built in loaded["tasks"].values():
+        filters = [ensemble.name for ensemble in built._filters] or ["none"]
+        produced.update(f"{metric},{name}" for metric in built.aggregation() for name in filters)
+    return sorted(produced)
+
+
+def prefetch_task(
+    task: dict[str, Any],
+    data_dir: str,
+    out: Path,
+    task_id: str | None = None,
+    metrics: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Build the lm-eval task once: downloads hub datasets into the cache, checks local files.
+
+    Refused with a ConfigError naming the config key: an unknown task name, a few-shot count the
+    task does not allow, a missing data file, a ``(key, metric)`` of ``metrics`` (what the
+    figures plot) the task does not produce. ``out`` records the subtasks, the metrics and the
+    task's settings (``task_id``'s results must not be overwritten by other settings).
+    """
     from ablate.lm_eval_tasks import task_manager
 
+    name = task["lm_eval_task"]
     manager = task_manager(task, data_dir)
-    loaded = manager.load([task["lm_eval_task"]])
-    for name, built in loaded["tasks"].items():
+    if name not in manager.all_tasks:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=4, cutoff=0.6)
+        registry = "" if not task.get("local", True) else ", local: false lm-eval's registry"
+        raise ConfigError(
+            f"{_key(task_id, 'lm_eval_task')}: unknown lm-eval task {name!r} (close: "
+            f"{', '.join(close) or 'none'}; task_paths adds folders of your own{registry})"
+        )
+    try:
+        loaded = manager.load([name])
+    except FileNotFoundError as error:
+        raise ConfigError(_missing_data(error, data_dir, task_id, name)) from None
+    for subtask, built in loaded["tasks"].items():
         # A stand-in whose few-shot examples cannot match its lm-eval original says so.
         limit = (built.config.metadata or {}).get("max_fewshot")
         if limit is not None and (task.get("num_fewshot") or 0) > limit:
-            raise ValueError(
-                f"num_fewshot: {task['num_fewshot']} for {name}, which allows at most {limit} "
-                f"(allowed: 0..{limit}; its task YAML says why)"
+            raise ConfigError(
+                f"{_key(task_id, 'num_fewshot')}: {task['num_fewshot']} for {subtask}, which "
+                f"allows at most {limit} (allowed: 0..{limit}; its task YAML says why)"
             )
-    names = sorted(str(name) for name in loaded["tasks"])
-    write_atomically(out, json.dumps({"lm_eval_task": task["lm_eval_task"], "subtasks": names}))
+    produced = task_metrics(loaded, task["protocol"])
+    check_task_metrics(metrics, produced, task_id or "?", name)
+    record = {
+        "lm_eval_task": name,
+        "subtasks": sorted(str(subtask) for subtask in loaded["tasks"]),
+        "metrics": produced,
+        "settings": {k: v for k, v in task.items() if k != "task_paths"},
+    }
+    write_atomically(out, json.dumps(record))

@@ -15,14 +15,17 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 def task_manager(task: dict[str, Any], data_dir: str):
-    """Our task folder only for local tasks (indexing lm-eval's ~10k files costs seconds per job).
+    """Our task folder, then the task's ``task_paths`` (the config's folders that define it,
+    relative to the working directory); lm-eval's registry only for ``local: false`` tasks
+    (indexing its ~10k files costs seconds per job).
 
     ``metadata`` reaches every task's ``custom_dataset`` loader: it carries ``data_dir``.
     """
     from lm_eval.tasks import TaskManager
 
+    folders = [TASKS_DIR, *(Path(folder).resolve() for folder in task.get("task_paths", []))]
     return TaskManager(
-        include_path=str(TASKS_DIR),
+        include_path=[str(folder) for folder in folders],
         include_defaults=not task.get("local", True),
         metadata={"data_dir": data_dir},
     )

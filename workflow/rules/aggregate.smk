@@ -43,5 +43,7 @@ rule check_claims:
     params:
         claims=get_figure_claims,
         models=get_claim_models,
+        # Layer count of each of those models: claims.yaml `depth` is a fraction of it.
+        num_layers=get_claim_num_layers,
     script:
         "../../scripts/check_claims.py"

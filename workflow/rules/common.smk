@@ -8,17 +8,21 @@ from ablate.backends import BACKENDS
 from ablate.claims import claim_figures, parse_claims
 from ablate.config import (
     ConfigError,
+    check_task_records,
     evaluation_chunks,
     figure_evaluations,
     panel_series,
+    task_folders,
     validate_config,
 )
 from ablate.cost import chunk_seconds, prior_rates
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
-# any job; the schema's defaults are filled in.
+# any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
+# id whose results have other settings, a metric the built task does not produce.
 try:
     validate_config(config)
+    check_task_records(config)
 except ConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 
@@ -97,8 +101,16 @@ def get_model_spec(wildcards):
     return canonical(evaluated_model(wildcards.model))
 
 
+def task_spec(task_id):
+    """The task's settings, and the task_paths folders that define its lm-eval task (none: no
+    key, so a folder added for another task changes none of this task's jobs)."""
+    task = config["tasks"][task_id]
+    folders = task_folders(config, task)
+    return task | {"task_paths": folders} if folders else task
+
+
 def get_task_spec(wildcards):
-    return canonical(config["tasks"][wildcards.task])
+    return canonical(task_spec(wildcards.task))
 
 
 def get_figure_spec(wildcards):
@@ -127,7 +139,7 @@ def evaluation_job(chunk):
     return canonical(
         {
             "model": model,
-            "task": config["tasks"][chunk.task],
+            "task": task_spec(chunk.task),
             "data_dir": config["data_dir"],
             "seed": config["seed"],
             "prefix_reuse": config["evaluation"]["prefix_reuse"],
@@ -191,6 +203,17 @@ def get_claim_models(wildcards):
     """Per figure the claims read: the models it evaluates (other models: not comparable)."""
     return canonical(
         {figure: figure_models(figure) for figure in claimed_figures(wildcards)}
+    )
+
+
+def get_claim_num_layers(wildcards):
+    """The layer count of each model of the figures the claims read (claims.yaml ``depth``)."""
+    return canonical(
+        {
+            model: config["models"][model]["num_layers"]
+            for figure in claimed_figures(wildcards)
+            for model in figure_models(figure)
+        }
     )
 
 
