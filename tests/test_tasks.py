@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ablate.backends.hf import budget_hits
+from ablate.backends.hf import budget_flags
 from ablate.lm_eval_tasks import TASKS_DIR, task_manager
 from ablate.metrics import acc_ce, mean_and_stderr
 from conftest import DATA_DIR
@@ -141,14 +141,14 @@ def test_cot_exemplars_come_from_lm_eval():
     assert shots[0]["target"].endswith("The answer is 6.")
 
 
-def test_budget_hits_count_unfinished_generations():
+def test_budget_flags_mark_unfinished_generations():
     eos = 2
 
     def decode(ids):
         return " ".join(str(i) for i in ids)
 
     generated = torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8], [9, 9, 9, 9]])
-    assert budget_hits(generated, eos, decode, stop=["9 9"]) == 1
+    assert budget_flags(generated, eos, decode, stop=["9 9"]) == [False, True, False]
 
 
 # --- MMLU, HellaSwag, MathQA ---------------------------------------------------------------

@@ -7,6 +7,7 @@ reads the same fields, and a job crosses into a backend's own interpreter as JSO
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -52,5 +53,23 @@ class Job:
         """lm-eval ``use_cache`` prefix: a resubmitted job replays what it already computed."""
         if self.cache_dir is None:
             return None
+        return str(self._revision_cache() / ablation.id)
+
+    def sweep_progress(
+        self, ablations: list[Ablation], batch_size: int, max_length: int
+    ) -> Path | None:
+        """Where a prefix sweep of ``ablations`` keeps its finished batches until the job is done
+        (:class:`ablate.sweep.PrefixSweep`), beside the request caches; named by what decides its
+        batches and answers, so a changed chunk, task, model setting or batching never reads
+        another's."""
+        if self.cache_dir is None:
+            return None
+        units = [a.id for a in ablations]
+        what = json.dumps([units, batch_size, max_length, self.model, self.task], sort_keys=True)
+        digest = hashlib.blake2b(what.encode(), digest_size=6).hexdigest()
+        return self._revision_cache() / f"sweep_{ablations[0].id}_{digest}.jsonl"
+
+    def _revision_cache(self) -> Path:
+        assert self.cache_dir is not None
         revision = re.sub(r"[^A-Za-z0-9_.=-]", "_", self.model_revision or "unknown")
-        return str(self.cache_dir / revision / ablation.id)
+        return self.cache_dir / revision

