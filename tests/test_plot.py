@@ -1,0 +1,37 @@
+"""The figure's findings caption, and a figure rendered from a small CSV."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ablate.aggregate import COLUMNS
+from ablate.plot import FLOOR_NOTE, findings, plot_figure
+
+
+def figure_csv(baseline: float, deltas: list[float], significant: list[bool]) -> pd.DataFrame:
+    rows = [
+        {"figure": "figX", "panel": 0, "series": "SmolLM2", "model": "smollm2", "task": "t",
+         "metric": "acc", "ablation_kind": "layer", "layer": layer, "head": None,
+         "score": baseline + delta, "baseline": baseline, "delta": delta, "ci_low": delta - 0.05,
+         "ci_high": delta + 0.05, "p_holm": 0.001 if sig else 0.9, "significant": sig}
+        for layer, (delta, sig) in enumerate(zip(deltas, significant, strict=True))
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_findings_name_the_largest_significant_drop():
+    frame = figure_csv(0.6, [-0.3, 0.02, -0.05], [True, False, False])
+    assert findings(frame) == [
+        "SmolLM2 (acc): baseline 0.600; 1 of 3 units with a significant Δ; largest drop layer 0, "
+        "Δ -0.300 (p_holm 0.001)"
+    ]
+
+
+def test_findings_say_when_the_model_scores_zero():
+    assert findings(figure_csv(0.0, [0.0, 0.0], [False, False])) == [f"SmolLM2 (acc): {FLOOR_NOTE}"]
+
+
+def test_plot_writes_png_and_pdf(tmp_path):
+    out = [tmp_path / "f.png", tmp_path / "f.pdf"]
+    plot_figure(figure_csv(0.6, [-0.3, 0.02], [True, False]), "title", [""], out)
+    assert all(path.stat().st_size > 1000 for path in out)
