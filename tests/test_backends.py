@@ -44,7 +44,7 @@ def test_config_chunks_and_planner_take_a_registered_backend(toy, tmp_path):
     assert (row["backend"], row["other_backend"]) == ("toy", "hf")
     model, task = config["models"]["smollm2"], config["tasks"]["kv_retrieval"]
     seconds = chunk_seconds(model, task, (Ablation("base"),), prior_rates(), backend="toy")
-    assert seconds == pytest.approx(1.0 + 6 * 400 * 4 * 1e-3 * 0.135)
+    assert seconds == pytest.approx(1.0 + task["limit"] * 400 * 4 * 1e-3 * 0.135)
     broken = copy.deepcopy(config)
     broken["tasks"]["gsm8k_1shot"]["backend"] = "toy"
     with pytest.raises(
