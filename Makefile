@@ -8,7 +8,7 @@ DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig3 kv_copy
 CORES ?= 2
 
-.PHONY: setup setup-vllm demo demo-check demo-all report bench offline-data test lint format clean
+.PHONY: setup setup-vllm demo demo-check demo-all report bench offline-data test test-paper lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ offline-data: setup
 
 test: setup setup-vllm lint
 	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest
+
+## test-paper: config.yaml's every figure through lm-eval's registered tasks, offline, on the
+## embedded model (tests/test_paper_config.py, ~45 min on 2 cores; not part of `make test`)
+test-paper: setup
+	$(BIN)/pytest -m paper tests/test_paper_config.py
 
 lint:
 	$(BIN)/ruff check scripts tests

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -53,6 +54,26 @@ def evaluation_process(parent: psutil.Process) -> psutil.Process | None:
     return None
 
 
+def kill_evaluation_when(
+    workdir: Path, target: str, ready: Callable[[], bool], poll_s: float
+) -> None:
+    """Run Snakemake for ``target`` and SIGKILL its evaluation job once ``ready()`` holds, as a
+    preempted or OOM-killed SLURM job dies; the run must then fail."""
+    runner = subprocess.Popen(
+        snakemake_command(workdir, target, cores=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    job = evaluation_process(psutil.Process(runner.pid))
+    assert job is not None and ready(), "the evaluation never got going"
+    os.kill(job.pid, signal.SIGKILL)
+    runner.wait(timeout=120)
+    assert runner.returncode != 0
+
+
 @pytest.mark.slow
 def test_killed_job_is_not_trusted_and_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
@@ -60,19 +81,7 @@ def test_killed_job_is_not_trusted_and_resumes(tmp_path):
     baseline = "results/evaluate/smollm2/kv/base/results.json"
     prepared = snakemake(tmp_path, baseline, cores=1)
     assert prepared.returncode == 0, prepared.stdout[-2000:]
-    runner = subprocess.Popen(
-        snakemake_command(tmp_path, TARGET, cores=1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 300
-    while cached_requests(tmp_path) < 4 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    job = evaluation_process(psutil.Process(runner.pid))
-    assert job is not None and cached_requests(tmp_path) >= 4, "the evaluation never got going"
-    os.kill(job.pid, signal.SIGKILL)  # as a preempted or OOM-killed SLURM job dies
-    runner.wait(timeout=120)
-    assert runner.returncode != 0
+    kill_evaluation_when(tmp_path, TARGET, lambda: cached_requests(tmp_path) >= 4, poll_s=0.5)
     assert not (tmp_path / TARGET).exists()
     assert not (tmp_path / TARGET).with_name("samples.jsonl").exists()
     done_before_kill = cached_requests(tmp_path)
@@ -168,19 +177,7 @@ def test_killed_sweep_resumes_from_its_last_batch(sweep_run):
     # The same job again from scratch, killed after some batches.
     shutil.rmtree(workdir / "results/evaluate/smollm2/hs")
     shutil.rmtree(workdir / "results/cache/smollm2/hs")
-    runner = subprocess.Popen(
-        snakemake_command(workdir, SWEEP_TARGET, cores=1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 300
-    while progress_records(workdir) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job = evaluation_process(psutil.Process(runner.pid))
-    assert job is not None, "the evaluation never got going"
-    os.kill(job.pid, signal.SIGKILL)
-    runner.wait(timeout=120)
-    assert runner.returncode != 0
+    kill_evaluation_when(workdir, SWEEP_TARGET, lambda: progress_records(workdir) >= 3, poll_s=0.05)
     kept = progress_records(workdir)
     assert 3 <= kept < 12, kept  # killed mid-sweep
     # As if the kill had cut a record in half: the rerun ignores it.

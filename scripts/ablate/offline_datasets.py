@@ -229,6 +229,32 @@ def config_rows(
             )
 
 
+def write_config(
+    cache_dir: Path,
+    repo: Repo,
+    config: str,
+    splits: dict[str, list[dict[str, Any]]],
+    commit: str,
+) -> None:
+    """Write ``splits`` (rows in ``repo.features``) as config ``config`` of ``repo.repo_id`` into
+    the `datasets` cache ``cache_dir`` (HF_DATASETS_CACHE), under the <hash> folder ``commit``;
+    a folder already written for the same commit is reused."""
+    builder = Mirror(
+        tables={
+            split: pa.Table.from_pylist(split_rows, schema=repo.features.arrow_schema)
+            for split, split_rows in splits.items()
+        },
+        features=repo.features,
+        cache_dir=str(cache_dir),
+        # As CachedDatasetModuleFactory names them, so the offline lookup finds this folder.
+        dataset_name=repo.repo_id.split("/")[-1],
+        repo_id=repo.repo_id,
+        config_name=config,
+        hash=commit,
+    )
+    builder.download_and_prepare()
+
+
 def build(data_dir: Path, out: Path, mmlu_subjects: list[str] | None = None) -> dict[str, Any]:
     """Write every repo's configs under ``out/datasets`` and the manifest; returns the manifest."""
     cache_dir = out / "datasets"
@@ -237,20 +263,7 @@ def build(data_dir: Path, out: Path, mmlu_subjects: list[str] | None = None) -> 
         commit = source_hash(data_dir, repo)
         for config, files, rows in config_rows(data_dir, repo, mmlu_subjects):
             splits = {**{split: [row] for split, row in repo.placeholders.items()}, **rows}
-            builder = Mirror(
-                tables={
-                    split: pa.Table.from_pylist(split_rows, schema=repo.features.arrow_schema)
-                    for split, split_rows in splits.items()
-                },
-                features=repo.features,
-                cache_dir=str(cache_dir),
-                # As CachedDatasetModuleFactory names them, so the offline lookup finds this folder.
-                dataset_name=repo.repo_id.split("/")[-1],
-                repo_id=repo.repo_id,
-                config_name=config,
-                hash=commit,
-            )
-            builder.download_and_prepare()
+            write_config(cache_dir, repo, config, splits, commit)
             manifest["datasets"].setdefault(repo.repo_id, {})[config] = {
                 split: {"rows": len(split_rows), "source": files.get(split, "placeholder")}
                 for split, split_rows in splits.items()
