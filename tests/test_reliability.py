@@ -27,8 +27,11 @@ from ablate.sweep import PrefixSweep, ProgressFile
 from ablate.unit_loop import Progress
 from conftest import DATA_DIR, SMOLLM2, snakemake, snakemake_command
 
+# lm-eval's own path (no prefix sweep, which keeps its progress elsewhere: tested below), whose
+# request cache grows per batch, so the kill lands mid-evaluation.
 CONFIG = {
     "data_dir": str(DATA_DIR),
+    "evaluation": {"prefix_reuse": False},
     "models": {"smollm2": SMOLLM2},
     "tasks": {"kv": {"lm_eval_task": "kv_retrieval_short", "protocol": "loglikelihood",
                      "limit": 16, "batch_size": 4}},
