@@ -91,6 +91,9 @@ def run_in_own_interpreter(backend: Backend, job: Job, ablations: list) -> None:
     transformers, and its engine processes need the child's ``__main__``."""
     options = job.backend_options
     env = os.environ | {str(k): str(v) for k, v in (options.get("env") or {}).items()}
+    # vLLM's offline runner divides by its progress bar's elapsed time, which a disabled bar
+    # keeps at 0 (ZeroDivisionError); the bars stay on in the child.
+    env.pop("TQDM_DISABLE", None)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")])
     )
