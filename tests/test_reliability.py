@@ -19,12 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM, CachingLM
 
 from ablate.ablations import Ablation
 from ablate.backends.hf import evaluate
 from ablate.job import Job
 from ablate.sweep import PrefixSweep, ProgressFile
-from ablate.unit_loop import Progress
+from ablate.unit_loop import BudgetTracking, Progress, cached_budget_hits
 from conftest import DATA_DIR, SMOLLM2, snakemake, snakemake_command
 
 # lm-eval's own path (no prefix sweep, which keeps its progress elsewhere: tested below), whose
@@ -304,3 +306,40 @@ def test_replayed_generations_report_the_same_hit_budget(tmp_path, embedded_dir,
     caplog.set_level(logging.INFO, logger="lm_eval")
     assert hit_budget() == live
     assert caplog.text.count("Cached requests: 4, Requests remaining: 0") == 2  # all replayed
+
+
+class RewritingGenerator(LM):
+    """Generates "x" * n for a context of n characters within a budget of 3 tokens, and caches
+    each generation under rewritten settings, as lm-eval's vLLM model does."""
+
+    def generate_until(self, requests, disable_tqdm=False):
+        contexts = [r.args[0] for r in requests]
+        self.record_budget_hits([len(context) > 3 for context in contexts])
+        for context in contexts:
+            settings = requests[0].args[1] | {"max_gen_toks": 3, "until": ["\n"]}
+            self.cache_hook.add_partial("generate_until", (context, settings), "x" * len(context))
+        return ["x" * len(context) for context in contexts]
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+
+class TrackedGenerator(BudgetTracking, RewritingGenerator):
+    pass
+
+
+def test_budget_flags_are_found_where_a_backend_caches_under_rewritten_settings(tmp_path):
+    lm = TrackedGenerator()
+    cache = str(tmp_path / "unit")
+    cached = CachingLM(lm, f"{cache}_rank0.db")
+    requests = [
+        Instance("generate_until", {}, (context, {"do_sample": False}), 0)
+        for context in ("ab", "abcd", "abcdef")
+    ]
+    assert cached.generate_until(requests) == ["xx", "xxxx", "xxxxxx"]
+    cached.dbdict.commit()
+    samples = [{"task": "t", "doc_id": i, "arguments": [r.args]} for i, r in enumerate(requests)]
+    assert cached_budget_hits(lm, cache, samples) == (2, 0)

@@ -132,15 +132,18 @@ class Progress:
 class BudgetCacheHook:
     """lm-eval's request-cache hook, also caching beside each generation whether it used its
     whole budget: the flags :meth:`BudgetTracking.record_budget_hits` queued, in row order (the
-    order lm-eval caches the generations of a batch in)."""
+    order lm-eval caches the generations of a batch in). A flag is keyed by the request's own
+    arguments (``request_args``, by context), as :func:`cached_budget_hits` looks it up: lm-eval's
+    vLLM model caches a generation under generation settings it has rewritten."""
 
-    def __init__(self, inner: Any, flags: deque[bool]) -> None:
-        self.inner, self.flags = inner, flags
+    def __init__(self, inner: Any, flags: deque[bool], request_args: dict[str, tuple]) -> None:
+        self.inner, self.flags, self.request_args = inner, flags, request_args
 
     def add_partial(self, attr: str, req: Any, res: Any) -> None:
         self.inner.add_partial(attr, req, res)
         if attr == "generate_until" and self.flags:
-            self.inner.add_partial(BUDGET_ATTR, req, self.flags.popleft())
+            key = self.request_args.get(req[0], req)
+            self.inner.add_partial(BUDGET_ATTR, key, self.flags.popleft())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -158,15 +161,21 @@ class BudgetTracking:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._budget_flags: deque[bool] = deque()
+        self._request_args: dict[str, tuple] = {}  # context -> arguments of the current call
         self._generations = (0, 0)  # done, total of the current generate_until call
         super().__init__(*args, **kwargs)
-        self.cache_hook = BudgetCacheHook(self.cache_hook, self._budget_flags)
+        self.cache_hook = self._budget_hook(self.cache_hook)
+
+    def _budget_hook(self, cache_hook: Any) -> BudgetCacheHook:
+        return BudgetCacheHook(cache_hook, self._budget_flags, self._request_args)
 
     def set_cache_hook(self, cache_hook: Any) -> None:
-        super().set_cache_hook(BudgetCacheHook(cache_hook, self._budget_flags))  # type: ignore[misc]
+        super().set_cache_hook(self._budget_hook(cache_hook))  # type: ignore[misc]
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         self._budget_flags.clear()
+        self._request_args.clear()
+        self._request_args.update((r.args[0], r.args) for r in requests)
         self._generations = (0, len(requests))
         if self.progress is not None:
             self.progress.step("generations", 0, len(requests))
