@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.bench import run_logged
+from ablate.bench import SCENARIOS, reduced, run_logged
 
 MIB = 2**20
 
@@ -38,3 +38,15 @@ def test_failure_names_the_log_and_its_tail(tmp_path: Path) -> None:
     assert str(log) in message and "(3)" in message
     assert message.endswith("the real error")
     assert message.count("head") < 1000  # only the tail, not the whole log
+
+
+def test_reduced_scenarios_keep_their_kind_on_fewer_documents_and_units() -> None:
+    hellaswag = SCENARIOS["hellaswag"]
+    assert hellaswag.task["limit"] >= 200 and len(hellaswag.units) == 30
+    assert hellaswag.time_target == 0.25
+    assert SCENARIOS["kv"].task["lm_eval_task"] == "kv_retrieval"  # 10 pairs a context
+    small = reduced(hellaswag, 50, 8)
+    assert small.task == hellaswag.task | {"limit": 50}
+    assert small.units == ("layer0", "layer3", "layer7", "layer11", "layer15", "layer18",
+                           "layer22", "layer26")  # fmt: skip
+    assert reduced(hellaswag, None, None) == hellaswag

@@ -6,10 +6,11 @@ import copy
 import json
 
 import pytest
+import yaml
 
 from ablate.cost import calibrated_rates, chunk_seconds, prior_rates
 from ablate.plan import load_config, plan, planned_chunks, total_row
-from conftest import REPO
+from conftest import DATA_DIR, REPO, SMOLLM2, snakemake
 
 PAPER = load_config(REPO / "config.yaml")
 DEMO = load_config(REPO / "workflow/config/demo.yaml")
@@ -96,3 +97,51 @@ def test_plan_costs_both_backends(tmp_path):
     assert on_vllm["gpu_hours"] < on_hf["gpu_hours"]
     [loglikelihood] = plan(["fig5"], PAPER, tmp_path)
     assert loglikelihood["gpu_hours_other_backend"] is None
+
+
+# Two figures on different tasks (HellaSwag: four multi-token endings on a shared context;
+# MMLU: one-token answer letters), each a baseline job and a chunk of layers.
+PREDICTION = {
+    "evaluation": {"units_per_job": 4},
+    "models": {"smollm2": SMOLLM2},
+    "tasks": {
+        "hellaswag": {"lm_eval_task": "hellaswag_local", "protocol": "loglikelihood", "limit": 40},
+        "mmlu": {"lm_eval_task": "mmlu_local", "protocol": "loglikelihood", "limit": 100},
+    },
+    "figures": {
+        "calibration": {"title": "calibration", "ablation": {"kind": "layer", "layers": [0, 10, 20, 29]},
+                        "series": [{"label": "SmolLM2", "model": "smollm2", "task": "hellaswag"}],
+                        "panels": [{"metric": "acc"}]},
+        "prediction": {"title": "prediction", "ablation": {"kind": "layer", "layers": [5, 15, 25]},
+                       "series": [{"label": "SmolLM2", "model": "smollm2", "task": "mmlu"}],
+                       "panels": [{"metric": "acc"}]},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
+    config = copy.deepcopy(PREDICTION) | {"data_dir": str(DATA_DIR)}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    config = load_config(tmp_path / "config.yaml")
+    # The calibration figure runs; the other's task is prefetched (its tokens can be counted).
+    result = snakemake(tmp_path, "calibration", "resources/tasks/mmlu.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = plan(["prediction"], config, tmp_path)
+    assert (row["rate"], row["tokens"], row["jobs"]) == ("calibrated", "counted", 2)
+    counted = json.loads((tmp_path / "resources/tokens/smollm2/mmlu.json").read_text())
+    assert counted["documents"] == 100 and counted["shared"] == counted["sequences"]  # letters
+    result = snakemake(tmp_path, "prediction")
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = {
+        chunk: float(
+            (tmp_path / f"benchmarks/evaluate/smollm2/mmlu/{chunk.label}.tsv")
+            .read_text()
+            .splitlines()[1]
+            .split("\t")[0]
+        )
+        for chunk in row["_jobs"]
+    }
+    predicted = sum(row["_jobs"].values())
+    print(f"predicted {predicted:.0f} s, measured {sum(measured.values()):.0f} s: {measured}")
+    assert 1 / 1.5 <= predicted / sum(measured.values()) <= 1.5

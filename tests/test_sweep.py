@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,17 @@ import pytest
 from ablate.ablations import Ablation
 from ablate.backends.hf import evaluate
 from ablate.job import Job
+from ablate.sweep import plan_batches, score_batch, split_input
 from conftest import DATA_DIR, SMOLLM2
 
-pytestmark = pytest.mark.slow  # full lm-eval evaluations, twice per ablation
 MODEL = SMOLLM2 | {"dtype": "float32", "device": "cpu"}
 # Every kind of ablation, in an order that is not sorted by first changed layer.
 ABLATIONS = ["base", "layer13", "head29.4", "layer0", "kvgroup7.1", "oproj5_from_noisy",
              "oprojcum3_from_noisy", "layer29", "attn6", "mlp2"]  # fmt: skip
+# Log-likelihoods agree to 1e-4, or 2 ppm of sums beyond -50: float32 rounding, which any other
+# batching changes. lm-eval's HFLM itself, batch size 1 against 5, differs by up to 3.3e-4 on the
+# -285 sums of kv_retrieval_short under layer0 or mlp2 (1.2 ppm).
+TOLERANCE = {"abs": 1e-4, "rel": 2e-6}
 
 
 def run(tmp_path: Path, embedded_dir, perturbed_dir, task: dict, ids, reuse: bool) -> dict:
@@ -36,27 +41,46 @@ def run(tmp_path: Path, embedded_dir, perturbed_dir, task: dict, ids, reuse: boo
     }
 
 
+@pytest.mark.slow  # full lm-eval evaluations, twice per ablation
 @pytest.mark.parametrize(
     "task",
     [
+        # Every value of the context an option (3), two contexts a batch.
         {
             "lm_eval_task": "kv_retrieval_short",
             "protocol": "loglikelihood",
             "limit": 4,
-            "batch_size": 5,
+            "batch_size": 7,
         },
-        # Multi-token continuations, and batches that mix lengths.
+        # Four multi-token endings, two documents a batch (of different lengths).
         {
             "lm_eval_task": "hellaswag_local",
             "protocol": "loglikelihood",
             "limit": 3,
-            "batch_size": 5,
+            "batch_size": 8,
+        },
+        # Left truncation into the contexts: an ending's context depends on its length.
+        {
+            "lm_eval_task": "hellaswag_local",
+            "protocol": "loglikelihood",
+            "limit": 3,
+            "batch_size": 8,
+            "max_length": 64,
         },
     ],
-    ids=["kv_retrieval", "hellaswag"],
+    ids=["kv_retrieval", "hellaswag", "hellaswag_truncated"],
 )
-def test_sweep_equals_plain_evaluation(tmp_path, embedded_dir, perturbed_dir, task):
+def test_sweep_equals_plain_evaluation(tmp_path, embedded_dir, perturbed_dir, task, monkeypatch):
+    options_per_context = []
+
+    def planned(*args):
+        batches = plan_batches(*args)
+        options_per_context.extend(len(b.options) / len(b.contexts) for b in batches)
+        return batches
+
+    monkeypatch.setattr("ablate.sweep.plan_batches", planned)
     sweep = run(tmp_path, embedded_dir, perturbed_dir, task, ABLATIONS, reuse=True)
+    assert max(options_per_context) > 1  # contexts were shared by their options
     plain = run(tmp_path, embedded_dir, perturbed_dir, task, ABLATIONS, reuse=False)
     distinct = set()
     for ablation in ABLATIONS:
@@ -79,8 +103,106 @@ def test_sweep_equals_plain_evaluation(tmp_path, embedded_dir, perturbed_dir, ta
             for (fast_ll, fast_greedy), (slow_ll, slow_greedy) in zip(
                 fast["filtered_resps"], slow["filtered_resps"], strict=True
             ):
-                assert fast_ll == pytest.approx(slow_ll, abs=1e-4)
+                assert fast_ll == pytest.approx(slow_ll, **TOLERANCE)
                 assert fast_greedy == slow_greedy
                 lls.append(round(slow_ll, 3))
         distinct.add(tuple(lls))
     assert len(distinct) == len(ABLATIONS), "some ablations scored identically: nothing was ablated"
+
+
+# ------------------------------------------------------- options scored on their shared context
+
+
+def lm_eval_input(request, max_length: int) -> tuple[int, ...]:
+    """HFLM's model input of a causal request: context + continuation, left-truncated to
+    ``max_length``, its last token dropped."""
+    context, continuation = request
+    return (context + continuation)[-(max_length + 1) :][:-1]
+
+
+def synthetic_requests() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Contexts of 3 to 6 tokens with 1 to 7 options of 1 to 4 tokens, some requests twice."""
+    requests = []
+    for doc in range(9):
+        context = tuple(range(100 + doc, 100 + doc + 3 + doc % 4))
+        for option in range(1 + doc % 7):
+            requests.append((context, tuple(range(7 + option, 8 + option + option % 4))))
+    return requests + requests[:3]
+
+
+@pytest.mark.parametrize("max_length", [2048, 6])  # 6: left truncation into the contexts
+def test_batches_put_a_contexts_options_together_and_resume_identically(max_length):
+    requests, batch_size = synthetic_requests(), 5
+    batches = plan_batches(requests, batch_size, max_length)
+    assert sorted(i for b in batches for i in b.owners) == list(range(len(requests)))
+    batches_of = defaultdict(set)
+    for number, batch in enumerate(batches):
+        assert len(batch.options) <= batch_size
+        for (row, end, continuation), index in zip(batch.rows, batch.owners, strict=True):
+            context_row, option = batch.options[row]
+            # Context + option is lm-eval's input; the option is its scored positions.
+            tokens = lm_eval_input(requests[index], max_length)
+            assert batch.contexts[context_row] + option == tokens
+            assert end == len(option)
+            if batch.contexts[context_row]:  # one-token continuations are plain rows
+                assert len(option) == len(continuation) > 1
+                batches_of[batch.contexts[context_row]].add(number)
+            else:
+                assert len(continuation) == 1 or len(option) == len(continuation)
+    if max_length == 2048:  # a context is split over batches only if it has > 5 options
+        for context, numbers in batches_of.items():
+            options = {split_input(r, max_length) for r in requests
+                       if r[0][:-1] == context and len(r[1]) > 1}  # fmt: skip
+            assert len(numbers) == -(-len(options) // batch_size), context
+    assert max(len(b.options) / len(b.contexts) for b in batches) > 1
+    # A resumed sweep of any tail of batches plans exactly that tail.
+    for start in range(len(batches)):
+        owners = [i for batch in batches[start:] for i in batch.owners]
+        tail = plan_batches([requests[i] for i in owners], batch_size, max_length)
+        assert [(b.contexts, b.options, b.rows) for b in tail] == [
+            (b.contexts, b.options, b.rows) for b in batches[start:]
+        ]
+
+
+def hellaswag_requests(tokenizer, docs: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """HellaSwag requests tokenized as lm-eval's HFLM does (context, rest of context + ending)."""
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    lines = (DATA_DIR / "hellaswag" / "validation.jsonl").read_text().splitlines()[:docs]
+    requests = []
+    for doc in process_docs(datasets.Dataset.from_list([json.loads(line) for line in lines])):
+        context = tokenizer(doc["query"]).input_ids
+        for choice in doc["choices"]:
+            whole = tokenizer(doc["query"] + " " + choice).input_ids
+            requests.append((tuple(context), tuple(whole[len(context) :])))
+    return requests
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_options_on_shared_contexts_score_as_their_own_sequences(model, tokenizer, attention):
+    model.set_attn_implementation(attention)
+    requests = hellaswag_requests(tokenizer, 3)
+    # One-token continuations are plain rows, here in a batch with a shared context.
+    requests += [(context, continuation[:1]) for context, continuation in requests[::4]]
+    units = [Ablation.parse(a) for a in ("base", "layer0", "head29.4", "attn6", "mlp2", "layer29")]
+    for max_length in (2048, 60):  # 60: left truncation into the contexts
+        answers = {}
+        for share in (True, False):
+            answers[share] = {a.id: [None] * len(requests) for a in units}
+            batches = plan_batches(requests, 8, max_length, share)
+            if not share:  # every option a plain sequence of its own
+                assert all(b.contexts == [()] for b in batches)
+            elif max_length == 2048:  # each context run once for its 4 endings
+                assert [len(b.options) for b in batches] == [8, 4 + 3]
+                assert len(batches[0].contexts) == 2 and batches[1].contexts[1] == ()
+            for batch in batches:
+                for unit, scored in score_batch(model, batch, units, None).items():
+                    for index, answer in zip(batch.owners, scored, strict=True):
+                        answers[share][unit][index] = answer
+        for unit in answers[True]:
+            for (shared, shared_greedy), (alone, alone_greedy) in zip(
+                answers[True][unit], answers[False][unit], strict=True
+            ):
+                assert shared == pytest.approx(alone, **TOLERANCE), (unit, max_length)
+                assert shared_greedy == alone_greedy

@@ -442,6 +442,14 @@ def task_folders(config: dict[str, Any], task: dict[str, Any]) -> list[str]:
     return list(paths)
 
 
+def task_settings(config: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """The task's settings as its jobs get them: with the ``task_paths`` folders that define its
+    lm-eval task (none: no key, so a folder added for another task changes none of its jobs)."""
+    task = config["tasks"][task_id]
+    folders = task_folders(config, task)
+    return task | {"task_paths": folders} if folders else task
+
+
 def task_metric_requests(config: dict[str, Any], task_id: str) -> list[tuple[str, str]]:
     """(config key, metric) of every panel that plots a series of task ``task_id``."""
     return list(

@@ -1,19 +1,28 @@
-"""The cost model of evaluation jobs: processed tokens x model size x seconds per (token x
-billion parameters), one rate per (device kind, backend, phase), with log-likelihood chunks
-charged only the layers the shared-prefix sweep runs. The workflow sets each job's SLURM runtime
-from it; the planner (ablate.plan) prints it per figure. Rates are the backends' priors
-(ablate.backends) unless calibrated from the benchmark TSVs of jobs that already ran.
+"""The cost model of evaluation jobs: tokens a job computes x model size x seconds per (token x
+billion parameters), one rate per (device kind, backend, phase: prefill, decode).
+
+Tokens are the task's real requests where they were counted (ablate.tokens, written by the
+planner beside the prefetched task), else a flat prior per document. A log-likelihood chunk is
+charged what the shared-prefix sweep computes: each context once for its options, and only the
+layers each unit runs. A generate-until chunk is charged its whole generation budget until a
+unit of it has run, then the mean tokens those units generated. The workflow sets each job's
+SLURM runtime from it; the planner (ablate.plan) prints it per figure. Rates are the backends'
+priors (ablate.backends, sources stated there) unless calibrated from the benchmark TSVs of jobs
+that already ran, per token and per phase, so a small run calibrates a full one.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.backends import BACKENDS
-from ablate.config import evaluation_chunks
+from ablate.config import Chunk, evaluation_chunks
+from ablate.tokens import TaskTokens
 
 # Documents per task when no limit is set (full test/validation splits).
 KNOWN_DOCS = {
@@ -22,10 +31,45 @@ KNOWN_DOCS = {
     "kv_retrieval": 500, "kv_retrieval_gen": 500,
 }  # fmt: skip
 DEFAULT_DOCS = 1000
-PROMPT_TOKENS = 400  # per document (few-shot prompts are longer; a prior, not a measurement)
-OPTIONS = 4  # multiple-choice options, each scored with its own forward pass
+# Uncounted tasks only: tokens per document, each of 4 options a full sequence (a prior).
+PROMPT_TOKENS, OPTIONS = 400, 4
 
 Rates = dict[tuple[str, str, str], float]  # (device kind, backend, phase) -> s / (token x B)
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """Tokens of one unit of a task: log-likelihood (per full pass: each context once for its
+    options, and every option with its own context) or generate-until (prompt, generated)."""
+
+    shared: float
+    sequences: float
+    prompt: float
+    generated: float
+    tokens: str  # "counted" (the real requests) or "prior"
+    generation: str = ""  # generate-until: "measured" (mean of finished units) or "budget"
+
+    @classmethod
+    def of(
+        cls, task: dict[str, Any], counts: TaskTokens | None, generated_mean: float | None = None
+    ) -> TaskCost:
+        """From the counted requests (``counts``), else the prior; generation at
+        ``generated_mean`` tokens per document once measured, else the whole budget."""
+        if counts is None:
+            name = task["lm_eval_task"].removesuffix("_local")
+            docs = task.get("limit") or KNOWN_DOCS.get(name, DEFAULT_DOCS)
+            budget = docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
+            loglikelihood = docs * PROMPT_TOKENS * OPTIONS
+            prompt, source = docs * PROMPT_TOKENS, "prior"
+        else:
+            docs, budget, source = counts.documents, counts.budget, "counted"
+            loglikelihood, prompt = counts.shared, counts.prompt
+        if task["protocol"] == "loglikelihood":
+            sequences = counts.sequences if counts else loglikelihood
+            return cls(loglikelihood, sequences, 0.0, 0.0, source)
+        if generated_mean is None:
+            return cls(0.0, 0.0, prompt, budget, source, "budget")
+        return cls(0.0, 0.0, prompt, generated_mean * docs, source, "measured")
 
 
 def prior_rates() -> Rates:
@@ -40,26 +84,34 @@ def device_kind(model: dict[str, Any]) -> str:
     return "cpu" if model["device"] == "cpu" else "cuda"
 
 
-def tokens(task: dict[str, Any]) -> tuple[float, float]:
-    """(prompt, generated) tokens of one evaluation; generation assumes the whole budget."""
-    name = task["lm_eval_task"].removesuffix("_local")
-    docs = task.get("limit") or KNOWN_DOCS.get(name, DEFAULT_DOCS)
-    if task["protocol"] == "loglikelihood":
-        return docs * PROMPT_TOKENS * OPTIONS, 0.0
-    return docs * PROMPT_TOKENS, docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
-
-
 def forward_passes(
     model: dict, task: dict, ablations: tuple[Ablation, ...], prefix_reuse: bool
 ) -> float:
-    """Full-model prompt passes a chunk costs. With prefix reuse (log-likelihood chunks), the
+    """Full-model passes a chunk costs. With prefix reuse (log-likelihood chunks), the
     unablated model runs up to the highest first-changed layer once, and each unit runs only
     from its first changed layer up (ablate.sweep)."""
-    if not (prefix_reuse and task["protocol"] == "loglikelihood" and len(ablations) > 1):
+    if not (prefix_reuse and task["protocol"] == "loglikelihood"):
         return float(len(ablations))
     layers = model["num_layers"]
     firsts = [ablation.first_changed_layer(layers) for ablation in ablations]
     return (max(firsts) + sum(layers - first for first in firsts)) / layers
+
+
+def job_tokens(
+    model: dict,
+    task: dict,
+    ablations: tuple[Ablation, ...],
+    cost: TaskCost,
+    prefix_reuse: bool,
+    backend: str,
+) -> tuple[float, float]:
+    """(prefill, decode) tokens of one job through the whole model."""
+    # The sweep (ablate.sweep), which shares contexts too, runs chunks of two units or more.
+    sweep = prefix_reuse and backend == "hf" and len(ablations) > 1
+    passes = forward_passes(model, task, ablations, sweep)
+    if task["protocol"] == "loglikelihood":
+        return passes * (cost.shared if sweep else cost.sequences), 0.0
+    return passes * cost.prompt, len(ablations) * cost.generated
 
 
 def chunk_seconds(
@@ -69,48 +121,53 @@ def chunk_seconds(
     rates: Rates,
     prefix_reuse: bool = True,
     backend: str = "hf",
+    cost: TaskCost | None = None,
 ) -> float:
-    """Wall seconds of one evaluation job: start-up, then prompt and generated tokens at ``rates``."""
+    """Wall seconds of one evaluation job: start-up, then its tokens at ``rates`` (``cost``:
+    the task's tokens, by default the prior)."""
     device = device_kind(model)
-    prompt, generated = tokens(task)
-    passes = forward_passes(model, task, ablations, prefix_reuse and backend == "hf")
-    work = passes * prompt * rates[(device, backend, "prefill")]
-    if generated:  # a log-likelihood-only backend has no decode rate
-        work += len(ablations) * generated * rates[(device, backend, "decode")]
+    prefill, decode = job_tokens(model, task, ablations, cost or TaskCost.of(task, None),
+                                 prefix_reuse, backend)  # fmt: skip
+    work = prefill * rates[(device, backend, "prefill")]
+    if decode:  # a log-likelihood-only backend has no decode rate
+        work += decode * rates[(device, backend, "decode")]
     return BACKENDS[backend].job_overhead_s[device] + work * model["params_b"]
 
 
-def calibrated_rates(config: dict[str, Any], benchmarks: Path) -> Rates:
-    """Rates fitted to finished jobs' benchmark TSVs (those of the config's current chunks):
-    prefill from log-likelihood jobs, then decode from generation jobs net of their prefill
-    at their backend's prefill rate (calibrated, else its prior)."""
+def calibrated_rates(
+    config: dict[str, Any],
+    benchmarks: Path,
+    task_cost: Callable[[Chunk], TaskCost] | None = None,
+) -> Rates:
+    """Seconds per (token x B) fitted to finished jobs' benchmark TSVs (those of the config's
+    current chunks), total time over total tokens: prefill from log-likelihood jobs, then decode
+    from generation jobs net of their prefill at their backend's prefill rate (calibrated, else
+    its prior). ``task_cost(chunk)``: the tokens of the chunk's task as it ran (counted, its
+    measured generations), by default the prior."""
     reuse = config["evaluation"]["prefix_reuse"]
-    priors = prior_rates()
-    fitted: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    rates = prior_rates()
+    fitted: Rates = {}
     for phase in ("prefill", "decode"):
+        seconds: dict[tuple[str, str, str], float] = defaultdict(float)
+        tokens: dict[tuple[str, str, str], float] = defaultdict(float)
         for chunk in evaluation_chunks(config):
             model, task = config["models"][chunk.model], config["tasks"][chunk.task]
             tsv = benchmarks / chunk.model / chunk.task / f"{chunk.label}.tsv"
-            is_prefill = task["protocol"] == "loglikelihood"
-            if not tsv.exists() or is_prefill != (phase == "prefill"):
+            if not tsv.exists() or (task["protocol"] == "loglikelihood") != (phase == "prefill"):
                 continue
             device = device_kind(model)
             wall = float(tsv.read_text().splitlines()[1].split("\t")[0])
-            prompt, generated = tokens(task)
-            passes = forward_passes(model, task, chunk.ablations, reuse)
-            overhead = BACKENDS[chunk.backend].job_overhead_s[device]
-            net = (wall - overhead) / model["params_b"]
+            cost = task_cost(chunk) if task_cost else TaskCost.of(task, None)
+            prefill, decode = job_tokens(model, task, chunk.ablations, cost, reuse, chunk.backend)
+            net = (wall - BACKENDS[chunk.backend].job_overhead_s[device]) / model["params_b"]
+            key = (device, chunk.backend, phase)
             if phase == "prefill":
-                fitted[(device, chunk.backend, phase)].append(net / (passes * prompt))
+                seconds[key] += net
+                tokens[key] += prefill
             else:
-                prefill = fitted.get((device, chunk.backend, "prefill"))
-                rate = (
-                    sum(prefill) / len(prefill)
-                    if prefill
-                    else priors[(device, chunk.backend, "prefill")]
-                )
-                net -= passes * prompt * rate
-                fitted[(device, chunk.backend, phase)].append(
-                    net / (len(chunk.ablations) * generated)
-                )
-    return {key: max(sum(values) / len(values), 0.0) for key, values in fitted.items()}
+                seconds[key] += net - prefill * rates[(device, chunk.backend, "prefill")]
+                tokens[key] += decode
+        for key in seconds:
+            if tokens[key]:
+                fitted[key] = rates[key] = max(seconds[key] / tokens[key], 0.0)
+    return fitted

@@ -5,19 +5,24 @@
 The jobs are the evaluation chunks a target needs whose results are not all there yet (what
 ``snakemake -n`` would run on an unchanged config), costed by :mod:`ablate.cost`. Each
 generate-until row also says what the same jobs would cost on the cheapest other backend that
-serves the protocol. The total also says what one job per unit would cost. Measured by
-``make bench`` (SmolLM2, CPU): a 30-layer log-likelihood sweep as one job takes 0.36x the time of
-one job per layer, a last-layer head sweep 0.12x, a generate-until layer sweep 0.35x, and a chunk
-of 8 generate-until layers on the vLLM backend 0.22x the HF backend's time, with identical scores.
-A rate is *calibrated* from the Snakemake benchmark TSVs of evaluations that already ran on that
-device and backend, else it is a *prior* (stated in the table).
+serves the protocol. The total also says what one job per unit would cost.
+
+Tokens are *counted* from the task's real requests (ablate.tokens, cached in
+``resources/tokens/<model>/<task>.json``) once the model is downloaded and the task prefetched
+(``snakemake --until prefetch_task download_model``), else a *prior*; generations are the whole
+budget until a unit of the task has run, then its *measured* mean. A rate is *calibrated* from
+the Snakemake benchmark TSVs of evaluations that already ran on that device and backend, else
+it is a *prior* (each column of the table says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,19 @@ from ablate.config import (
     evaluation_chunks,
     figure_evaluations,
     load_config_file,
+    task_settings,
     validate_config,
 )
-from ablate.cost import Rates, calibrated_rates, chunk_seconds, device_kind, prior_rates
+from ablate.cost import (
+    Rates,
+    TaskCost,
+    calibrated_rates,
+    chunk_seconds,
+    device_kind,
+    prior_rates,
+)
+from ablate.io import write_atomically
+from ablate.tokens import TaskTokens, count_task_tokens, generated_tokens, read_task_tokens
 
 
 def load_config(configfile: Path) -> dict[str, Any]:
@@ -64,6 +79,51 @@ def planned_chunks(targets: list[str], config: dict[str, Any], workdir: Path) ->
     ]
 
 
+class TaskCosts:
+    """The tokens of each (model, task) of a config in a working directory: counted from the
+    task's requests where the model and the task are there (and cached), else the prior;
+    generations measured where units of the task have run."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        self.config, self.workdir = config, Path(workdir)
+
+    def model_dir(self, model_id: str) -> Path | None:
+        folder = self.workdir / "resources" / "models" / model_id
+        return folder if (folder / "download.json").exists() else None
+
+    def counts(self, model_id: str, task_id: str) -> TaskTokens | None:
+        settings = task_settings(self.config, task_id)
+        cached = self.workdir / "resources" / "tokens" / model_id / f"{task_id}.json"
+        if counts := read_task_tokens(cached, settings):
+            return counts
+        model_dir = self.model_dir(model_id)
+        if model_dir is None or not (self.workdir / f"resources/tasks/{task_id}.json").exists():
+            return None
+        data_dir = self.workdir / self.config["data_dir"]
+        counts = count_task_tokens(model_dir, settings, str(data_dir))
+        write_atomically(cached, json.dumps(asdict(counts)))
+        return counts
+
+    def generated_mean(self, model_id: str, task_id: str) -> float | None:
+        model_dir = self.model_dir(model_id)
+        units = self.workdir / "results" / "evaluate" / model_id / task_id
+        finished = sorted(units.glob("*/results.json"))
+        if model_dir is None or not finished:
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return generated_tokens(tokenizer, [path.with_name("samples.jsonl") for path in finished])
+
+    @functools.cache  # noqa: B019 (one planner run, a handful of keys)
+    def __call__(self, model_id: str, task_id: str) -> TaskCost:
+        task = self.config["tasks"][task_id]
+        generated = None
+        if task["protocol"] == "generate_until":
+            generated = self.generated_mean(model_id, task_id)
+        return TaskCost.of(task, self.counts(model_id, task_id), generated)
+
+
 def jobs_seconds(
     model: dict,
     task: dict,
@@ -71,12 +131,13 @@ def jobs_seconds(
     rates: Rates,
     reuse: bool,
     backend: str,
+    cost: TaskCost,
     one_job_per_unit: bool = False,
 ) -> dict[Chunk, float]:
     """Seconds of each chunk's job on ``backend`` (or of one job per unit of the chunk)."""
     return {
         chunk: sum(
-            chunk_seconds(model, task, units, rates, reuse, backend)
+            chunk_seconds(model, task, units, rates, reuse, backend, cost)
             for units in (
                 [(a,) for a in chunk.ablations] if one_job_per_unit else [chunk.ablations]
             )
@@ -91,7 +152,9 @@ def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict
     A job two figures share (a common baseline) appears under both; ``total_row`` counts it once.
     """
     reuse = config["evaluation"]["prefix_reuse"]
-    calibrated = calibrated_rates(config, Path(workdir) / "benchmarks" / "evaluate")
+    costs = TaskCosts(config, workdir)
+    calibrated = calibrated_rates(config, Path(workdir) / "benchmarks" / "evaluate",
+                                  lambda chunk: costs(chunk.model, chunk.task))  # fmt: skip
     rates = prior_rates() | calibrated
     planned = planned_chunks(targets, config, workdir)
     groups: dict[tuple, list[Chunk]] = defaultdict(list)
@@ -106,11 +169,12 @@ def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict
         backend, gpus = chunks[0].backend, model["gpus"]
         device = device_kind(model)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
-        seconds = jobs_seconds(model, task, chunks, rates, reuse, backend)
-        per_unit = jobs_seconds(model, task, chunks, rates, reuse, backend, one_job_per_unit=True)
+        cost = costs(model_id, task_id)
+        seconds = jobs_seconds(model, task, chunks, rates, reuse, backend, cost)
+        per_unit = jobs_seconds(model, task, chunks, rates, False, backend, cost, True)
         hours = sum(seconds.values()) / 3600
         others = {
-            other: sum(jobs_seconds(model, task, chunks, rates, reuse, other).values()) / 3600
+            other: sum(jobs_seconds(model, task, chunks, rates, reuse, other, cost).values()) / 3600
             for other in serving(task["protocol"])
             if other != backend
         }
@@ -124,6 +188,7 @@ def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict
             "other_backend": cheapest,
             "gpu_hours_other_backend": round(others[cheapest] * gpus, 2) if cheapest else None,
             "rate": "calibrated" if all((device, backend, p) in calibrated for p in phases) else "prior",
+            "tokens": cost.tokens, "generation": cost.generation or None,
             "_jobs": seconds, "_per_unit": per_unit,
         })  # fmt: skip
     return rows

