@@ -105,8 +105,8 @@ PREDICTION = {
     "evaluation": {"units_per_job": 4},
     "models": {"smollm2": SMOLLM2},
     "tasks": {
-        "hellaswag": {"lm_eval_task": "hellaswag_local", "protocol": "loglikelihood", "limit": 40},
-        "mmlu": {"lm_eval_task": "mmlu_local", "protocol": "loglikelihood", "limit": 100},
+        "hellaswag": {"lm_eval_task": "hellaswag_local", "protocol": "loglikelihood", "limit": 24},
+        "mmlu": {"lm_eval_task": "mmlu_local", "protocol": "loglikelihood", "limit": 40},
     },
     "figures": {
         "calibration": {"title": "calibration", "ablation": {"kind": "layer", "layers": [0, 10, 20, 29]},
@@ -130,7 +130,7 @@ def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
     [row] = plan(["prediction"], config, tmp_path)
     assert (row["rate"], row["tokens"], row["jobs"]) == ("calibrated", "counted", 2)
     counted = json.loads((tmp_path / "resources/tokens/smollm2/mmlu.json").read_text())
-    assert counted["documents"] == 100 and counted["shared"] == counted["sequences"]  # letters
+    assert counted["documents"] == 40 and counted["shared"] == counted["sequences"]  # letters
     result = snakemake(tmp_path, "prediction")
     assert result.returncode == 0, result.stderr[-3000:]
     measured = {
