@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from ablate.embedded import convert_embedded
 
@@ -48,20 +49,24 @@ def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None, **op
     )
 
 
+def cached_checkpoint(request, name: str, **options) -> Path:
+    """The embedded model converted once into pytest's cache; the lock keeps parallel test
+    workers (pytest -n) from converting into the same folder at once."""
+    folder = Path(request.config.cache.mkdir(name))
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "model.safetensors").exists():
+            convert_embedded(folder, **options)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(request) -> Path:
-    folder = Path(request.config.cache.mkdir("embedded-smollm2"))
-    if not (folder / "model.safetensors").exists():
-        convert_embedded(folder)
-    return folder
+    return cached_checkpoint(request, "embedded-smollm2")
 
 
 @pytest.fixture(scope="session")
 def perturbed_dir(request) -> Path:
-    folder = Path(request.config.cache.mkdir("embedded-smollm2-perturbed"))
-    if not (folder / "model.safetensors").exists():
-        convert_embedded(folder, o_proj_noise=0.5, seed=0)
-    return folder
+    return cached_checkpoint(request, "embedded-smollm2-perturbed", o_proj_noise=0.5, seed=0)
 
 
 @pytest.fixture(scope="session")

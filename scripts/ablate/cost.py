@@ -59,14 +59,13 @@ class TaskCost:
             name = task["lm_eval_task"].removesuffix("_local")
             docs = task.get("limit") or KNOWN_DOCS.get(name, DEFAULT_DOCS)
             budget = docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
-            loglikelihood = docs * PROMPT_TOKENS * OPTIONS
+            shared = sequences = docs * PROMPT_TOKENS * OPTIONS  # no context shared
             prompt, source = docs * PROMPT_TOKENS, "prior"
         else:
             docs, budget, source = counts.documents, counts.budget, "counted"
-            loglikelihood, prompt = counts.shared, counts.prompt
+            shared, sequences, prompt = counts.shared, counts.sequences, counts.prompt
         if task["protocol"] == "loglikelihood":
-            sequences = counts.sequences if counts else loglikelihood
-            return cls(loglikelihood, sequences, 0.0, 0.0, source)
+            return cls(shared, sequences, 0.0, 0.0, source)
         if generated_mean is None:
             return cls(0.0, 0.0, prompt, budget, source, "budget")
         return cls(0.0, 0.0, prompt, generated_mean * docs, source, "measured")

@@ -29,6 +29,7 @@ from typing import Any
 from ablate.aggregate import result_path
 from ablate.backends import serving
 from ablate.config import (
+    TASK_RECORD,
     Chunk,
     ConfigError,
     evaluation_chunks,
@@ -46,7 +47,13 @@ from ablate.cost import (
     prior_rates,
 )
 from ablate.io import write_atomically
-from ablate.tokens import TaskTokens, count_task_tokens, generated_tokens, read_task_tokens
+from ablate.tokens import (
+    TOKEN_COUNTS,
+    TaskTokens,
+    count_task_tokens,
+    generated_tokens,
+    read_task_tokens,
+)
 
 
 def load_config(configfile: Path) -> dict[str, Any]:
@@ -93,11 +100,11 @@ class TaskCosts:
 
     def counts(self, model_id: str, task_id: str) -> TaskTokens | None:
         settings = task_settings(self.config, task_id)
-        cached = self.workdir / "resources" / "tokens" / model_id / f"{task_id}.json"
+        cached = self.workdir / TOKEN_COUNTS.format(model=model_id, task=task_id)
         if counts := read_task_tokens(cached, settings):
             return counts
         model_dir = self.model_dir(model_id)
-        if model_dir is None or not (self.workdir / f"resources/tasks/{task_id}.json").exists():
+        if model_dir is None or not (self.workdir / TASK_RECORD.format(task=task_id)).exists():
             return None
         data_dir = self.workdir / self.config["data_dir"]
         counts = count_task_tokens(model_dir, settings, str(data_dir))

@@ -20,7 +20,7 @@ from typing import Any
 from ablate.ablations import Ablation
 from ablate.job import Job
 
-MAX_LENGTH = 2048  # HFLM's default context cap, where the task sets none
+TOKEN_COUNTS = "resources/tokens/{model}/{task}.json"  # the planner's counts, per (model, task)
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,13 @@ def padded_tokens(
 
 def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> TaskTokens:
     """Build the task's requests with lm-eval and count them with the model's tokenizer."""
-    from transformers import AutoTokenizer
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig, AutoTokenizer
 
     from ablate.lm_eval_tasks import load_task, run_lm_eval, task_manager
 
-    counter = request_counter(AutoTokenizer.from_pretrained(model_dir), task)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    counter = request_counter(tokenizer, task)
     manager = task_manager(task, data_dir)
     job = Job(model_dir=model_dir, model={}, task=task, data_dir=data_dir)
     output = run_lm_eval(counter, job, manager, load_task(manager, task["lm_eval_task"]),
@@ -126,7 +128,11 @@ def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> T
     # A sample per document and filter (GSM8K's strict and flexible extraction): count documents.
     documents = len({(name, sample["doc_id"]) for name, samples in output["samples"].items()
                      for sample in samples})  # fmt: skip
-    batch_size, max_length = task.get("batch_size", 16), task.get("max_length") or MAX_LENGTH
+    # The evaluation's context cap, as HFLM sets it where the task has none: the model's.
+    max_length = task.get("max_length") or resolve_max_length(
+        AutoConfig.from_pretrained(model_dir), tokenizer
+    )
+    batch_size = task.get("batch_size", 16)
     return TaskTokens(
         documents=documents,
         shared=padded_tokens(counter.scored, batch_size, max_length, True),

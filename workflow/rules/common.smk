@@ -17,7 +17,7 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import TaskCost, chunk_seconds, prior_rates
-from ablate.tokens import read_task_tokens
+from ablate.tokens import TOKEN_COUNTS, read_task_tokens
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
 # any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
@@ -244,7 +244,7 @@ def chunk_runtime(chunk):
     """Minutes: three times the prior-rate cost estimate (ablate.cost), on the task's counted
     tokens once the planner has counted them, doubled per retry."""
     task = config["tasks"][chunk.task]
-    counted = Path(f"resources/tokens/{chunk.model}/{chunk.task}.json")
+    counted = Path(TOKEN_COUNTS.format(model=chunk.model, task=chunk.task))
     seconds = chunk_seconds(
         config["models"][chunk.model],
         task,
