@@ -69,7 +69,7 @@ test: setup setup-vllm lint
 	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest -n $(CORES) --dist loadfile
 
 ## test-paper: config.yaml's every figure through lm-eval's registered tasks, offline, on the
-## embedded model (tests/test_paper_config.py, ~45 min on 2 cores; not part of `make test`)
+## embedded model (tests/test_paper_config.py, ~13 min on 2 cores; also part of `make test`)
 test-paper: setup
 	$(BIN)/pytest -m paper tests/test_paper_config.py
 

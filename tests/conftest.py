@@ -82,3 +82,9 @@ def model(embedded_dir):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The paper-config run (~11 min, one test) first, so that under pytest -n one worker starts
+    it while the other takes every other file, instead of it running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("paper") is None)

@@ -9,8 +9,8 @@ budgets shrink. Settings SmolLM2 cannot honour are replaced and listed in :data:
 the `datasets` cache that :mod:`ablate.offline_datasets` builds from ../shared/data, plus a
 labelled fixture for the one hub config that has no offline copy (OpenBookQA's facts).
 
-143 jobs (50 evaluations); measured 44.5 min on the 2 shared development cores (load ~4-6 from
-other work), most of it in the evaluations: see README, "Air-gapped clusters".
+143 jobs (50 evaluations); measured 12.8 min on 2 idle cores, 21 of its job-minutes in the
+evaluations: see README, "Air-gapped clusters".
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import datasets
 import pandas as pd
 import pytest
 import yaml
-from datasets import Features, List, Value
+from datasets import Features, Value
 
 from ablate.ablations import SOURCE_KINDS
 from ablate.config import load_config_file, panel_series
-from ablate.offline_datasets import STRING, Repo, build, write_config
+from ablate.offline_datasets import REPOS, STRING, Repo, build, write_config
 from conftest import DATA_DIR, REPO, SMOLLM2, snakemake
 
 PAPER: dict[str, Any] = load_config_file(REPO / "config.yaml")
@@ -69,17 +69,17 @@ SHRUNK_TASK_KEYS = {"limit", "batch_size", "gen_kwargs", "enable_thinking", "bac
 # each question, which openbookqa_open prepends) has no offline copy. These rows were written for
 # this test in that config's schema, so the task loads them unchanged from the cache; their
 # scores mean nothing.
+(OPENBOOKQA,) = (repo for repo in REPOS if repo.repo_id == "allenai/openbookqa")
 OPENBOOKQA_ADDITIONAL = Repo(
-    "allenai/openbookqa",
+    OPENBOOKQA.repo_id,
     Features(
-        id=STRING,
-        question_stem=STRING,
-        choices={"text": List(STRING), "label": List(STRING)},
-        answerKey=STRING,
-        fact1=STRING,
-        humanScore=Value("float32"),
-        clarity=Value("float32"),
-        turkIdAnonymized=STRING,
+        {
+            **OPENBOOKQA.features,
+            "fact1": STRING,
+            "humanScore": Value("float32"),
+            "clarity": Value("float32"),
+            "turkIdAnonymized": STRING,
+        }
     ),
     configs={},
 )
@@ -218,7 +218,7 @@ def test_derived_config_keeps_the_papers_tasks_and_figures():
 
 
 @pytest.mark.slow
-@pytest.mark.paper  # ~45 min on 2 cores: `make test-paper`, not in `make test`
+@pytest.mark.paper  # ~13 min on 2 cores; in `make test`, alone: `make test-paper`
 def test_paper_config_every_figure_offline(tmp_path, record_property):
     config, _ = derive(PAPER)
     datasets.disable_progress_bars()

@@ -105,8 +105,8 @@ def job_tokens(
     backend: str,
 ) -> tuple[float, float]:
     """(prefill, decode) tokens of one job through the whole model."""
-    # The sweep (ablate.sweep), which shares contexts too, runs chunks of two units or more.
-    sweep = prefix_reuse and backend == "hf" and len(ablations) > 1
+    # The sweep (ablate.sweep), which shares contexts too, runs every HF log-likelihood chunk.
+    sweep = prefix_reuse and backend == "hf"
     passes = forward_passes(model, task, ablations, sweep)
     if task["protocol"] == "loglikelihood":
         return passes * (cost.shared if sweep else cost.sequences), 0.0

@@ -1,10 +1,11 @@
 """The HF backend: transformers with lm-eval's ``HFLM``, ablations as reversible hooks.
 
 The model is loaded once per job and wrapped once in ``HFLM``; each ablation is applied as a hook
-or weight swap around the unit's evaluation and removed afterwards. For log-likelihood chunks of
-more than one unit, :class:`ablate.sweep.PrefixSweep` answers lm-eval's requests instead, sharing
-the unablated layers below each unit, and keeps every finished batch in a progress file beside
-the request caches, so a resubmitted chunk computes only what a kill cut off.
+or weight swap around the unit's evaluation and removed afterwards. For log-likelihood chunks,
+:class:`ablate.sweep.PrefixSweep` answers lm-eval's requests instead: each context runs once for
+its options, the unablated layers below each unit once for all units (a one-unit chunk, such as
+a baseline, shares contexts only), and every finished batch is kept in a progress file beside the
+request caches, so a resubmitted chunk computes only what a kill cut off.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
             for index, weight in load_o_proj_weights(job.source_dir, replaced).items()
         }
     progress = Progress([a.id for a, _ in ablations])
-    if job.prefix_reuse and job.task["protocol"] == "loglikelihood" and len(ablations) > 1:
+    if job.prefix_reuse and job.task["protocol"] == "loglikelihood":
         units = [a for a, _ in ablations]
         lm.prefix_sweep = PrefixSweep(
             model, units, source, lm.batch_size, lm.max_length, lm.softmax_dtype,
