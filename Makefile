@@ -64,9 +64,10 @@ offline-data: setup
 	$(BIN)/python -m ablate.offline_datasets --data-dir ../shared/data --out resources/hf
 
 ## test: one pytest worker per core (pytest-xdist; a test file stays on one worker, so module
-## fixtures are built once); every test process runs torch on one thread
+## fixtures are built once; files in collection order, the paper-config run first: conftest.py);
+## every test process runs torch on one thread
 test: setup setup-vllm lint
-	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest -n $(CORES) --dist loadfile
+	VLLM_PYTHON=$(VLLM_BIN)/python $(BIN)/pytest -n $(CORES) --dist loadfile --no-loadscope-reorder
 
 ## test-paper: config.yaml's every figure through lm-eval's registered tasks, offline, on the
 ## embedded model (tests/test_paper_config.py, ~13 min on 2 cores; also part of `make test`)

@@ -86,5 +86,6 @@ def model(embedded_dir):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The paper-config run (~11 min, one test) first, so that under pytest -n one worker starts
-    it while the other takes every other file, instead of it running alone at the end."""
+    it while the other takes every other file, instead of it running alone at the end (with
+    --no-loadscope-reorder: xdist otherwise sends the files with the most tests first)."""
     items.sort(key=lambda item: item.get_closest_marker("paper") is None)
