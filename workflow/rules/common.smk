@@ -8,6 +8,7 @@ import yaml
 from ablate.backends import BACKENDS
 from ablate.claims import claim_figures, parse_claims
 from ablate.config import (
+    TASK_RECORD,
     ConfigError,
     check_task_records,
     evaluation_chunks,

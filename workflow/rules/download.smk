@@ -13,7 +13,7 @@ rule download_model:
 
 rule prefetch_task:
     output:
-        marker="resources/tasks/{task}.json",
+        marker=TASK_RECORD,
     log:
         "logs/prefetch/{task}.log",
     conda:
