@@ -137,21 +137,17 @@ def test_batches_put_a_contexts_options_together_and_resume_identically(max_leng
     batches_of = defaultdict(set)
     for number, batch in enumerate(batches):
         assert len(batch.options) <= batch_size
-        for (row, end, continuation), index in zip(batch.rows, batch.owners, strict=True):
-            context_row, option = batch.options[row]
-            # Context + option is lm-eval's input; the option is its scored positions.
+        for (option_index, continuation), index in zip(batch.rows, batch.owners, strict=True):
+            context_row, option = batch.options[option_index]
+            # Context + option is lm-eval's input, scored at the context's last position and
+            # the option's (none for a one-token continuation).
             tokens = lm_eval_input(requests[index], max_length)
             assert batch.contexts[context_row] + option == tokens
-            assert end == len(option)
-            if batch.contexts[context_row]:  # one-token continuations are plain rows
-                assert len(option) == len(continuation) > 1
-                batches_of[batch.contexts[context_row]].add(number)
-            else:
-                assert len(continuation) == 1 or len(option) == len(continuation)
+            assert len(option) == len(continuation) - 1
+            batches_of[batch.contexts[context_row]].add(number)
     if max_length == 2048:  # a context is split over batches only if it has > 5 options
         for context, numbers in batches_of.items():
-            options = {split_input(r, max_length) for r in requests
-                       if r[0][:-1] == context and len(r[1]) > 1}  # fmt: skip
+            options = {split_input(r, max_length) for r in requests if r[0] == context}
             assert len(numbers) == -(-len(options) // batch_size), context
     assert max(len(b.options) / len(b.contexts) for b in batches) > 1
     # A resumed sweep of any tail of batches plans exactly that tail.
@@ -190,11 +186,11 @@ def test_options_on_shared_contexts_score_as_their_own_sequences(model, tokenize
         for share in (True, False):
             answers[share] = {a.id: [None] * len(requests) for a in units}
             batches = plan_batches(requests, 8, max_length, share)
-            if not share:  # every option a plain sequence of its own
-                assert all(b.contexts == [()] for b in batches)
-            elif max_length == 2048:  # each context run once for its 4 endings
-                assert [len(b.options) for b in batches] == [8, 4 + 3]
-                assert len(batches[0].contexts) == 2 and batches[1].contexts[1] == ()
+            if not share:  # every request a plain sequence of its own
+                assert all(b.options == [(row, ()) for row in range(8)] for b in batches[:-1])
+            elif max_length == 2048:  # each context run once for its 4 endings and 1 token
+                assert [len(b.contexts) for b in batches] == [1, 1, 1]
+                assert [len(b.options) for b in batches] == [5, 5, 5]
             for batch in batches:
                 for unit, scored in score_batch(model, batch, units, None).items():
                     for index, answer in zip(batch.owners, scored, strict=True):

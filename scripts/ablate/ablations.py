@@ -110,6 +110,11 @@ class Ablation:
             return num_layers
         return self.replaced_layers.start if self.replaced_layers else self.layer
 
+    def first_run_layer(self, num_layers: int) -> int:
+        """The lowest layer the ablated model must run on the hidden states entering its first
+        changed layer: a skipped layer's output is its input, so the layer above it."""
+        return self.first_changed_layer(num_layers) + (self.kind == "layer")
+
     @property
     def sort_key(self) -> tuple:
         """Chunks hold units of one kind (and source) in layer, then head order."""

@@ -88,12 +88,13 @@ def forward_passes(
 ) -> float:
     """Full-model passes a chunk costs. With prefix reuse (log-likelihood chunks), the
     unablated model runs up to the highest first-changed layer once, and each unit runs only
-    from its first changed layer up (ablate.sweep)."""
+    from its first changed layer up, a skipped layer excluded (ablate.sweep)."""
     if not (prefix_reuse and task["protocol"] == "loglikelihood"):
         return float(len(ablations))
     layers = model["num_layers"]
-    firsts = [ablation.first_changed_layer(layers) for ablation in ablations]
-    return (max(firsts) + sum(layers - first for first in firsts)) / layers
+    shared = max(ablation.first_changed_layer(layers) for ablation in ablations)
+    own = sum(layers - ablation.first_run_layer(layers) for ablation in ablations)
+    return (shared + own) / layers
 
 
 def job_tokens(

@@ -3,20 +3,22 @@
 An ablation whose first changed layer is l leaves the hidden states entering layer l exactly as
 in the unablated model. So each batch runs the unablated model upward once, and at each
 ablation's first layer branches off: that ablation is applied (the same hooks and weight swaps as
-:func:`ablate.ablations.ablated`) and only layers l.. are run. A layer sweep then costs about half
-the layer-forwards of one evaluation per layer, and a head sweep at the last layer about one
-layer per head. Only continuation positions go through the final norm and the LM head.
+:func:`ablate.ablations.ablated`) and only layers l.. are run (l+1.. for a skipped layer l, whose
+output is its input). A layer sweep then costs about half the layer-forwards of one evaluation
+per layer, and a head sweep at the last layer about one layer per head. Only continuation
+positions go through the final norm and the LM head.
 
 Scores follow lm-eval's ``HFLM._loglikelihood_tokens`` for causal models: the same left
 truncation to ``max_length`` and (log-probability sum, is-greedy) per request. lm-eval scores a
 document's k options as k sequences (context + option); here each layer runs on a batch's
-distinct contexts once, then on the options, each option row attending to its context's keys
-and values (kept from the contexts' call of that layer, :class:`ContextKV`) and its own, at the
-positions and in the key columns it has in lm-eval's row. With causal attention and rotary
-positions that is the same computation as k sequences (up to float rounding), ablation hooks
-included: both calls go through the same modules. The "option" is the scored positions of
-lm-eval's input (the context's last token, then the continuation but its last token); requests
-with the same (context, option) tokens share one row (lm-eval's one-token-continuation reuse).
+distinct contexts once (right-padded rows), then on its options packed into rows without
+padding between them (:func:`pack_options`). Each option's queries attend to its context's keys
+and values (kept from the contexts' call of that layer, :class:`ContextKV`) and to its own, at
+the positions they have in lm-eval's row. With causal attention and rotary positions that is the
+same computation as k sequences (up to float rounding), ablation hooks included: both calls go
+through the same modules. A continuation is scored at the context's last position, shared by all
+of its options (one-token continuations need nothing else: lm-eval's one-token reuse), then at
+the option's positions (the continuation but its last token).
 
 Progress is durable per batch (:class:`ProgressFile`): a killed sweep's resubmission restores
 the finished batches and runs only the rest, in the same batches, so its answers are bit-identical.
@@ -97,13 +99,17 @@ def continuation_answers(
     """Score continuations from the last layer's hidden states at their scored positions."""
     logits = model.get_output_embeddings()(model.get_decoder().norm(torch.cat(spans)))
     log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+    best = log_probs.amax(dim=-1)  # not argmax: ~6x slower on CPU
+    targets = torch.tensor([token for cont in continuations for token in cont])
+    hits = log_probs.gather(1, targets[:, None].to(log_probs.device))[:, 0]
     answers, offset = [], 0
     for cont in continuations:
-        piece = log_probs[offset : offset + len(cont)]
-        offset += len(cont)
-        target = torch.tensor(cont, device=piece.device)
-        greedy = bool((piece.argmax(dim=-1) == target).all())
-        answers.append((float(piece.gather(1, target[:, None]).sum()), greedy))
+        span, offset = range(offset, offset + len(cont)), offset + len(cont)
+        # lm-eval's argmax == target: the target holds the maximum, and no earlier token does.
+        greedy = all(
+            hits[i] == best[i] and not (log_probs[i, : targets[i]] == best[i]).any() for i in span
+        )
+        answers.append((float(hits[span.start : span.stop].sum()), greedy))
     return answers
 
 
@@ -135,8 +141,8 @@ class Batch:
     """Contexts and options scored together, and the requests they answer."""
 
     contexts: list[Tokens]  # one row each (right-padded), run once for all their options
-    options: list[tuple[int, Tokens]]  # (context row, tokens) per option row (right-padded)
-    rows: list[tuple[int, int, Tokens]]  # (option row, end of the scored span, continuation)
+    options: list[tuple[int, Tokens]]  # (context row, tokens), packed into rows on the contexts
+    rows: list[tuple[int, Tokens]]  # (option, continuation) per request
     owners: list[int]  # the request index of each of ``rows``
 
 
@@ -144,16 +150,14 @@ def split_input(
     request: Request, max_length: int, share_contexts: bool = True
 ) -> tuple[Tokens, Tokens]:
     """lm-eval's model input of a request (context + continuation, left-truncated to
-    ``max_length``, last token dropped) as (context, option): the option is the scored
-    positions; all of the input without ``share_contexts`` or for a one-token continuation
-    (whose scored position is the context's last token, the same for all its options: they are
-    one input already, and a plain row pads less)."""
+    ``max_length``, last token dropped) as (context, option). The continuation is scored at the
+    input's last positions: the context's last, where every option of the context is scored
+    first, then the option's. Without ``share_contexts`` the context is all of the input."""
     context, continuation = request
     tokens = (context + continuation)[-(max_length + 1) :][:-1]
     if len(continuation) > len(tokens):
         raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length")
-    shared = share_contexts and len(continuation) > 1
-    cut = len(tokens) - len(continuation) if shared else 0
+    cut = len(tokens) - (len(continuation) - 1 if share_contexts else 0)
     return tokens[:cut], tokens[cut:]
 
 
@@ -186,9 +190,9 @@ def plan_batches(
     for chunk in chunks:
         contexts = list(dict.fromkeys(context for context, _ in chunk))
         rows, owners = [], []
-        for option_row, pair in enumerate(chunk):
+        for option, pair in enumerate(chunk):
             for index in requests_of[pair]:
-                rows.append((option_row, len(pair[1]), requests[index][1]))
+                rows.append((option, requests[index][1]))
                 owners.append(index)
         options = [(contexts.index(context), option) for context, option in chunk]
         batches.append(Batch(contexts, options, rows, owners))
@@ -216,87 +220,89 @@ class KeptKV:
 
 @dataclass
 class ContextKV:
-    """Stands in for the KV cache in a decoder layer's attention on the options: per option
-    row, its context's keys and values (kept by the contexts' call of the same layer) then its
-    own, in the columns they have in lm-eval's row (context + option), so an option is scored
-    as in a sequence of its own."""
+    """Stands in for the KV cache in a decoder layer's attention on the packed options: every
+    packed row gets all the batch's context keys and values (kept by the contexts' call of the
+    same layer, padding included) before its own; the mask picks what each option sees."""
 
     kept: KeptKV
-    context_of: torch.Tensor  # context row of each option row
-    columns: torch.Tensor  # [option rows, key columns]: index into (context keys, own keys)
+    rows: int
 
     def update(self, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any):
         assert self.kept.kv is not None, "the contexts' call runs first"
-        index = self.columns[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
         return tuple(
-            torch.cat([kept[self.context_of], own], dim=2).gather(2, index)
+            torch.cat([kept.transpose(0, 1).flatten(1, 2).expand(self.rows, -1, -1, -1), own], 2)
             for kept, own in zip(self.kept.kv, (key, value), strict=True)
         )
 
 
-def length_buckets(options: Sequence[tuple[int, Tokens]]) -> list[list[int]]:
-    """Option rows, longest first, cut where an option is under half its bucket's longest: each
-    bucket is one call, so a short ending is not padded to the batch's longest (measured on
-    HellaSwag: 0.8x the sweep time of one call for all options; 3/4 no better than 1/2)."""
-    buckets: list[list[int]] = []
-    for row in sorted(range(len(options)), key=lambda row: -len(options[row][1])):
-        if not buckets or 2 * len(options[row][1]) < len(options[buckets[-1][0]][1]):
-            buckets.append([])
-        buckets[-1].append(row)
-    return buckets
+def pack_options(lengths: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
+    """Options packed into rows as wide as the longest (first fit, longest first), so short
+    options pad no row: the width, and each option's (row, start)."""
+    width, free, places = max(lengths), [], [(0, 0)] * len(lengths)
+    for option in sorted(range(len(lengths)), key=lambda option: -lengths[option]):
+        row = next((r for r, left in enumerate(free) if left >= lengths[option]), len(free))
+        if row == len(free):
+            free.append(width)
+        places[option] = row, width - free[row]
+        free[row] -= lengths[option]
+    return width, places
 
 
-def option_inputs(model, batch: Batch, rows: list[int], kept: KeptKV, cache_name: str):
-    """Hidden states and keyword arguments of the first layer's call on option ``rows``."""
-    device = model.get_input_embeddings().weight.device
-    options = right_padded([batch.options[row][1] for row in rows]).to(device)
-    width = max(map(len, batch.contexts))
-    context_of = torch.tensor([batch.options[row][0] for row in rows], device=device)
-    offset = torch.tensor([len(batch.contexts[row]) for row in context_of.tolist()], device=device)
-    query = torch.arange(options.shape[1], device=device)
-    column = torch.arange(width + options.shape[1], device=device)
-    # Key column j of an option row holds its context's key j below the context's length, then
-    # its own key j - length; query t sees columns up to length + t (causal in lm-eval's row).
-    columns = torch.where(column < offset[:, None], column, width + column - offset[:, None])
-    columns = columns.clamp(max=width + options.shape[1] - 1)
-    mask = (column[None, None, :] <= offset[:, None, None] + query[None, :, None])[:, None]
+def padded_tokens(batch: Batch) -> int:
+    """Token positions one layer computes for ``batch``: contexts and packed options, padding
+    included."""
+    contexts = len(batch.contexts) * max(map(len, batch.contexts))
+    width, places = pack_options([len(tokens) for _, tokens in batch.options])
+    return contexts + (1 + max(row for row, _ in places)) * width if width else contexts
+
+
+def option_inputs(model, batch: Batch, kept: KeptKV, cache_name: str):
+    """Hidden states and keyword arguments of the first layer's call on the batch's options,
+    packed into rows, and each option's (row, start). An option's queries see its context's
+    keys and its own causally, at the positions they have in lm-eval's row (context + option);
+    with causal attention and rotary positions that is the computation of its own sequence."""
+    width, places = pack_options([len(tokens) for _, tokens in batch.options])
+    rows = 1 + max(row for row, _ in places)
+    context_width = max(map(len, batch.contexts))
+    own = len(batch.contexts) * context_width  # the first key column of a row's own tokens
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    positions = torch.zeros(rows, width, dtype=torch.long)
+    mask = torch.zeros(rows, width, own + width, dtype=torch.bool)
+    mask[:, range(width), range(own, own + width)] = True  # padding sees itself: no empty row
+    for (context, tokens), (row, start) in zip(batch.options, places, strict=True):
+        span, offset = slice(start, start + len(tokens)), len(batch.contexts[context])
+        ids[row, span] = torch.tensor(tokens)
+        positions[row, span] = torch.arange(offset, offset + len(tokens))
+        mask[row, span, context * context_width : context * context_width + offset] = True
+        mask[row, span, own + start : own + start + len(tokens)] = torch.ones(
+            len(tokens), len(tokens), dtype=torch.bool
+        ).tril()
+    mask = mask[:, None]
     if model.config._attn_implementation == "eager":  # additive, as transformers builds it
         dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    device = model.get_input_embeddings().weight.device
     hidden, kwargs = first_layer_inputs(
-        model, options, position_ids=offset[:, None] + query, attention_mask=mask
+        model, ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device)
     )
-    kwargs[cache_name] = ContextKV(kept, context_of, columns)
-    return hidden, kwargs
+    kwargs[cache_name] = ContextKV(kept, rows)
+    return hidden, kwargs, places
 
 
 def layer_calls(model, batch: Batch):
     """Hidden states and keyword arguments of the first layer's calls on ``batch`` (the
-    contexts, then the options on them by length buckets; plain causal rows without contexts),
-    and where each option row is: (call, row)."""
+    contexts as causal rows, then the options packed on them, if any), and where each option
+    is packed: (row, start)."""
     device = model.get_input_embeddings().weight.device
-    if not any(batch.contexts):  # no shared contexts: options are plain causal rows
-        options = right_padded([tokens for _, tokens in batch.options]).to(device)
-        hidden, kwargs = first_layer_inputs(model, options)
-        return [hidden], [kwargs], [(0, row) for row in range(len(batch.options))]
+    hidden, kwargs = first_layer_inputs(model, right_padded(batch.contexts).to(device))
+    if not any(tokens for _, tokens in batch.options):
+        return [hidden], [kwargs], []
     if not shares_contexts(model):
         raise ValueError(f"{model.config._attn_implementation} attention takes no 4D mask")
-    context_hidden, context_kwargs = first_layer_inputs(
-        model, right_padded(batch.contexts).to(device)
-    )
-    cache_name = "cache" if "cache" in context_kwargs else "past_key_values"  # transformers 4
-    context_kwargs[cache_name] = kept = KeptKV()
-    hidden, calls = [context_hidden], [context_kwargs]
-    where = [(0, 0)] * len(batch.options)
-    for rows in length_buckets(batch.options):
-        for index, row in enumerate(rows):
-            where[row] = (len(calls), index)
-        option_hidden, option_kwargs = option_inputs(model, batch, rows, kept, cache_name)
-        hidden.append(option_hidden)
-        calls.append(option_kwargs)
-    return hidden, calls, where
+    cache_name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 4
+    kwargs[cache_name] = kept = KeptKV()
+    option_hidden, option_kwargs, places = option_inputs(model, batch, kept, cache_name)
+    return [hidden, option_hidden], [kwargs, option_kwargs], places
 
 
 def run_layers(layers, hidden: list[torch.Tensor], start: int, stop: int, calls: list[dict]):
@@ -319,19 +325,22 @@ def score_batch(
     check_supported(model)
     layers = decoder_layers(model)
     branches = sorted((a.first_changed_layer(len(layers)), a.id, a) for a in ablations)
-    hidden, calls, where = layer_calls(model, batch)
-    continuations = [continuation for _, _, continuation in batch.rows]
+    hidden, calls, places = layer_calls(model, batch)
+    continuations = [continuation for _, continuation in batch.rows]
     reached, answers = 0, {}
     for first, _, ablation in branches:
         hidden = run_layers(layers, hidden, reached, first, calls)
-        reached = first
+        reached, start = first, ablation.first_run_layer(len(layers))
         with ablated(model, ablation, source_o_proj):
-            top = run_layers(layers, hidden, first, len(layers), calls)
-        spans = [
-            top[call][row, end - len(continuation) : end]
-            for (option, end, continuation) in batch.rows
-            for call, row in [where[option]]
-        ]
+            top = run_layers(layers, hidden, start, len(layers), calls)
+        spans = []
+        for option, continuation in batch.rows:
+            context, tokens = batch.options[option]
+            end = len(batch.contexts[context])
+            spans.append(top[0][context, end + len(tokens) - len(continuation) : end])
+            if tokens:
+                row, start = places[option]
+                spans.append(top[1][row, start : start + len(tokens)])
         answers[ablation.id] = continuation_answers(model, spans, continuations, softmax_dtype)
     return answers
 

@@ -101,15 +101,12 @@ def padded_tokens(
     share_contexts: bool,
 ) -> int:
     """Token positions one pass of the sweep computes over ``requests``, padding included."""
-    from ablate.sweep import length_buckets, plan_batches  # torch: not at the workflow's parse
+    from ablate import sweep  # torch: not at the workflow's parse
 
-    total = 0
-    for batch in plan_batches(requests, batch_size, max_length, share_contexts):
-        if any(batch.contexts):
-            total += len(batch.contexts) * max(map(len, batch.contexts))
-        for rows in length_buckets(batch.options):
-            total += len(rows) * max(len(batch.options[row][1]) for row in rows)
-    return total
+    return sum(
+        sweep.padded_tokens(batch)
+        for batch in sweep.plan_batches(requests, batch_size, max_length, share_contexts)
+    )
 
 
 def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> TaskTokens:

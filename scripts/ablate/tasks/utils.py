@@ -6,16 +6,37 @@ run ``metadata`` (which carries ``data_dir``, the folder holding the offline JSO
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import yaml
+from lm_eval.tasks.hellaswag.utils import process_docs as lm_eval_hellaswag_process_docs
+from lm_eval.tasks.mathqa.utils import doc_to_choice as mathqa_doc_to_choice  # noqa: F401
+
+Processing = Callable[[datasets.Dataset], datasets.Dataset]
+
+
+def processed_once(process: Processing) -> Processing:
+    """``process`` run once per dataset: lm-eval processes a task's documents again several times
+    per evaluation (~0.7 s each for HellaSwag's 10k documents, ~3 s a unit), and a job evaluates
+    the same task for many units."""
+    processed: dict[str, datasets.Dataset] = {}
+
+    @functools.wraps(process)
+    def once(dataset: datasets.Dataset) -> datasets.Dataset:
+        if dataset._fingerprint not in processed:
+            processed[dataset._fingerprint] = process(dataset)
+        return processed[dataset._fingerprint]
+
+    return once
+
 
 # lm-eval's own document processing, reused as is.
-from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
-from lm_eval.tasks.mathqa.utils import doc_to_choice as mathqa_doc_to_choice  # noqa: F401
+hellaswag_process_docs = processed_once(lm_eval_hellaswag_process_docs)
 
 
 def local_jsonl(data_dir: str, files: dict[str, str], **_) -> datasets.DatasetDict:
@@ -32,6 +53,7 @@ def local_jsonl(data_dir: str, files: dict[str, str], **_) -> datasets.DatasetDi
     )
 
 
+@processed_once
 def interleave_subjects(dataset: datasets.Dataset) -> datasets.Dataset:
     """Round-robin over MMLU subjects so that a small ``limit`` still spans every subject."""
     rank: dict[str, int] = {}
@@ -68,6 +90,7 @@ def oracle_fact(doc: dict) -> str:
     return f"Fact: {doc['question_stem'].rstrip(' ?:.')} - {gold}."
 
 
+@processed_once
 def add_oracle_fact(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.map(lambda doc: {"fact1": oracle_fact(doc)})
 
