@@ -20,8 +20,8 @@ version: quick checks, not the measured table.
 
 It prints the wall-time ratio and the peak-RSS ratio (candidate job / largest baseline job, i.e.
 one model's footprint) per scenario against its target, and checks every score is identical: the
-same metrics, the same per-document log-likelihoods (within 5e-4, or 2 ppm of sums beyond
--250) and greedy flags, the same generations.
+same metrics, the same per-document log-likelihoods (within 5e-4, or 30 ppm of sums beyond
+-16.7) and greedy flags, the same generations.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ VLLM = {"env": {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
         "engine_args": {"enforce_eager": True, "kv_cache_memory_bytes": 2 * 2**30,
                         "max_model_len": 4096}}  # fmt: skip
 SOURCE = "noisy"  # o_proj source: the embedded model with seeded o_proj noise
-# Per-document log-likelihoods agree to 5e-4, or 2 ppm of sums beyond -250: float32 rounding,
+# Per-document log-likelihoods agree to 5e-4, or 30 ppm of sums beyond -16.7: float32 rounding,
 # which batch shapes and the CPU's kernels change. lm-eval's own HFLM moves by up to 3.3e-4
-# between batch sizes 1 and 5 (kv_retrieval_short under layer0 or mlp2); options scored on a
-# shared context moved by 2.5e-4 under mlp2 on one development CPU and by < 1e-4 on CI's.
-LL_ABS, LL_REL = 5e-4, 2e-6
+# between batch sizes 1 and 5 (kv_retrieval_short under layer0 or mlp2), and by up to 1.0e-3
+# (21 ppm of the sum) between batch sizes 8 and 16 (HellaSwag under layer1, whose skip inflates
+# activations); the sweep's packed options moved by up to 25 ppm there (28 of 24,000 sums beyond
+# 5e-4 and 2 ppm), accuracies and greedy flags identical.
+LL_ABS, LL_REL = 5e-4, 3e-5
 
 
 @dataclass(frozen=True)
