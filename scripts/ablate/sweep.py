@@ -235,9 +235,9 @@ class ContextKV:
         )
 
 
-def pack_options(lengths: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
+def pack_options(lengths: Sequence[int]) -> tuple[int, int, list[tuple[int, int]]]:
     """Options packed into rows as wide as the longest (first fit, longest first), so short
-    options pad no row: the width, and each option's (row, start)."""
+    options pad no row: the rows, the width, and each option's (row, start)."""
     width, free, places = max(lengths), [], [(0, 0)] * len(lengths)
     for option in sorted(range(len(lengths)), key=lambda option: -lengths[option]):
         row = next((r for r, left in enumerate(free) if left >= lengths[option]), len(free))
@@ -245,15 +245,15 @@ def pack_options(lengths: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
             free.append(width)
         places[option] = row, width - free[row]
         free[row] -= lengths[option]
-    return width, places
+    return len(free), width, places
 
 
 def padded_tokens(batch: Batch) -> int:
     """Token positions one layer computes for ``batch``: contexts and packed options, padding
     included."""
     contexts = len(batch.contexts) * max(map(len, batch.contexts))
-    width, places = pack_options([len(tokens) for _, tokens in batch.options])
-    return contexts + (1 + max(row for row, _ in places)) * width if width else contexts
+    rows, width, _ = pack_options([len(tokens) for _, tokens in batch.options])
+    return contexts + rows * width
 
 
 def option_inputs(model, batch: Batch, kept: KeptKV, cache_name: str):
@@ -261,8 +261,7 @@ def option_inputs(model, batch: Batch, kept: KeptKV, cache_name: str):
     packed into rows, and each option's (row, start). An option's queries see its context's
     keys and its own causally, at the positions they have in lm-eval's row (context + option);
     with causal attention and rotary positions that is the computation of its own sequence."""
-    width, places = pack_options([len(tokens) for _, tokens in batch.options])
-    rows = 1 + max(row for row, _ in places)
+    rows, width, places = pack_options([len(tokens) for _, tokens in batch.options])
     context_width = max(map(len, batch.contexts))
     own = len(batch.contexts) * context_width  # the first key column of a row's own tokens
     ids = torch.zeros(rows, width, dtype=torch.long)
@@ -330,9 +329,9 @@ def score_batch(
     reached, answers = 0, {}
     for first, _, ablation in branches:
         hidden = run_layers(layers, hidden, reached, first, calls)
-        reached, start = first, ablation.first_run_layer(len(layers))
+        reached, lowest = first, ablation.first_run_layer(len(layers))
         with ablated(model, ablation, source_o_proj):
-            top = run_layers(layers, hidden, start, len(layers), calls)
+            top = run_layers(layers, hidden, lowest, len(layers), calls)
         spans = []
         for option, continuation in batch.rows:
             context, tokens = batch.options[option]
