@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
-from ablate.ablations import Ablation, Architecture, ablated, decoder_layers, load_o_proj_weights
+import families
+from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.anatomy import Anatomy
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -32,15 +34,11 @@ def state_snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def without_layer(model, layer: int):
-    pruned = copy.deepcopy(model)
-    layers = decoder_layers(pruned)
-    del layers[layer]
-    for index, block in enumerate(layers):
-        block.self_attn.layer_idx = index
-    pruned.config.num_hidden_layers -= 1
-    if getattr(pruned.config, "layer_types", None):
-        pruned.config.layer_types = pruned.config.layer_types[:-1]
-    return pruned
+    return families.without_layer(model, Anatomy.of(model), layer)
+
+
+def decoder_layers(model):
+    return Anatomy.of(model).blocks(model)
 
 
 @pytest.mark.parametrize("layer", [0, 13, 29])
@@ -55,12 +53,12 @@ def test_layer_skip_equals_deleted_layer(model, batch, layer):
 
 
 def test_head_silencing_equals_zeroed_o_proj_columns(model, batch):
-    arch = Architecture.from_config(model.config)
+    head_dim = Anatomy.of(model).head_width
     layer, head = 7, 4
     edited = copy.deepcopy(model)
     o_proj = decoder_layers(edited)[layer].self_attn.o_proj
     with torch.no_grad():
-        o_proj.weight[:, head * arch.head_dim : (head + 1) * arch.head_dim] = 0
+        o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0
     with ablated(model, Ablation.parse(f"head{layer}.{head}")):
         hooked = logits(model, batch)
     torch.testing.assert_close(hooked, logits(edited, batch), rtol=0, atol=1e-5)
@@ -68,7 +66,8 @@ def test_head_silencing_equals_zeroed_o_proj_columns(model, batch):
 
 
 def test_gqa_single_head_touches_only_its_head(model, batch):
-    arch = Architecture.from_config(model.config)
+    anatomy = Anatomy.of(model)
+    arch, head_dim = anatomy.arch, anatomy.head_width
     assert arch.num_kv_heads < arch.num_heads, "the embedded model must have real GQA"
     layer, head = 3, 1  # head 1 shares KV head 0 with heads 0 and 2
     captured = {}
@@ -82,7 +81,7 @@ def test_gqa_single_head_touches_only_its_head(model, batch):
     finally:
         handle.remove()
     # The pre-hook we registered first sees the input before the ablation's own pre-hook.
-    seen = captured["x"].view(*plain.shape[:-1], arch.num_heads, arch.head_dim)
+    seen = captured["x"].view(*plain.shape[:-1], arch.num_heads, head_dim)
     assert torch.equal(seen, plain.view_as(seen))
     with ablated(model, Ablation.parse(f"head{layer}.{head}")):
         hooked_in = {}
@@ -98,13 +97,14 @@ def test_gqa_single_head_touches_only_its_head(model, batch):
 
 
 def test_kv_group_silences_the_whole_group(model, batch):
-    arch = Architecture.from_config(model.config)
+    anatomy = Anatomy.of(model)
+    arch, head_dim = anatomy.arch, anatomy.head_width
     layer, group = 5, 2
     edited = copy.deepcopy(model)
     o_proj = decoder_layers(edited)[layer].self_attn.o_proj
     heads = range(group * arch.heads_per_group, (group + 1) * arch.heads_per_group)
     with torch.no_grad():
-        o_proj.weight[:, heads.start * arch.head_dim : heads.stop * arch.head_dim] = 0
+        o_proj.weight[:, heads.start * head_dim : heads.stop * head_dim] = 0
     with ablated(model, Ablation.parse(f"kvgroup{layer}.{group}")):
         hooked = logits(model, batch)
     torch.testing.assert_close(hooked, logits(edited, batch), rtol=0, atol=1e-5)
@@ -113,7 +113,7 @@ def test_kv_group_silences_the_whole_group(model, batch):
 @pytest.mark.parametrize("ablation_id", ["oproj4_from_demo", "oprojcum4_from_demo"])
 def test_o_proj_replacement_equals_edited_weights(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    source = load_o_proj_weights(perturbed_dir, ablation.replaced_layers)
+    source = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
     assert sorted(source) == list(ablation.replaced_layers)
     edited = copy.deepcopy(model)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_o_proj_replacement_equals_edited_weights(model, batch, perturbed_dir, a
 )
 def test_ablation_is_removed_cleanly(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    source = load_o_proj_weights(perturbed_dir, ablation.replaced_layers)
+    source = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
     before_state, before_logits = state_snapshot(model), logits(model, batch)
     with ablated(model, ablation, source):
         logits(model, batch)

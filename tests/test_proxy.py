@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ablate.ablations import decoder_layers
+from ablate.anatomy import Anatomy
 from ablate.proxy import layer_proxies, prompt_batches
 
 PROMPTS = [
@@ -24,7 +24,7 @@ def direct_proxies(model, tokenizer) -> pd.DataFrame:
     ``hidden_states[l]`` is layer l's input and ``hidden_states[l + 1]`` its output, except for
     the last layer, whose output HF returns after the final norm: that one comes from a hook.
     """
-    layers = decoder_layers(model)
+    layers = Anatomy.of(model).blocks(model)
     last_output = {}
     handle = layers[-1].register_forward_hook(lambda m, a, out: last_output.update(h=out))
     cosines = [[] for _ in layers]
@@ -61,7 +61,7 @@ def test_proxies_match_hidden_states(model, tokenizer):
         "mlp_block_influence",
         "mlp_angular_distance",
     ]  # fmt: skip (the sublayer columns: tests/test_sublayers.py)
-    assert len(proxies) == len(decoder_layers(model)) == 30
+    assert len(proxies) == len(Anatomy.of(model).blocks(model)) == 30
     pd.testing.assert_frame_equal(
         proxies[expected.columns], expected, check_exact=False, rtol=0, atol=1e-5
     )

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from ablate.ablations import Ablation, ablated, decoder_layers, weight_edited
+from ablate.ablations import Ablation, ablated, weight_edited
+from ablate.anatomy import Anatomy
 from ablate.proxy import layer_proxies, prompt_batches
 from test_ablations import greedy, logits, state_snapshot
 
@@ -37,7 +38,7 @@ class Removed(torch.nn.Module):
 
 def without_sublayer(model, kind: str, layer: int):
     removed = copy.deepcopy(model)
-    setattr(decoder_layers(removed)[layer], MODULE[kind], Removed(kind == "attn"))
+    setattr(Anatomy.of(removed).blocks(removed)[layer], MODULE[kind], Removed(kind == "attn"))
     return removed
 
 
@@ -78,7 +79,7 @@ def layer_io(model, tokenizer, prompts, layer: int, ablation: Ablation) -> list[
     def keep(module, args, kwargs, output):
         seen.append((args[0] if args else kwargs["hidden_states"], output))
 
-    handle = decoder_layers(model)[layer].register_forward_hook(keep, with_kwargs=True)
+    handle = Anatomy.of(model).blocks(model)[layer].register_forward_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad(), ablated(model, ablation):
             for prompt in prompts:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ablate.ablations import Ablation
+from ablate.anatomy import Anatomy
 from ablate.backends.hf import evaluate
 from ablate.bench import LL_ABS, LL_REL
 from ablate.job import Job
@@ -192,7 +193,9 @@ def test_options_on_shared_contexts_score_as_their_own_sequences(model, tokenize
                 assert [len(b.contexts) for b in batches] == [1, 1, 1]
                 assert [len(b.options) for b in batches] == [5, 5, 5]
             for batch in batches:
-                for unit, scored in score_batch(model, batch, units, None).items():
+                for unit, scored in score_batch(
+                    model, Anatomy.of(model), batch, units, None
+                ).items():
                     for index, answer in zip(batch.owners, scored, strict=True):
                         answers[share][unit][index] = answer
         for unit in answers[True]:

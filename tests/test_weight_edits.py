@@ -8,16 +8,20 @@ import torch
 
 from ablate.ablations import (
     Ablation,
-    Architecture,
     WeightEdit,
     ablated,
     load_o_proj_weights,
     load_tensors,
-    o_proj_key,
     weight_edited,
     weight_edits,
 )
+from ablate.anatomy import Anatomy
 from test_ablations import greedy, logits, state_snapshot, without_layer
+
+
+def o_proj_key(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.o_proj.weight"
+
 
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many"
 
@@ -59,7 +63,7 @@ def test_zeroed_o_proj_columns_equal_head_hooks(model, batch, ablation_id):
 @pytest.mark.parametrize("ablation_id", ["oproj4_from_demo", "oprojcum4_from_demo"])
 def test_source_tensors_equal_o_proj_swap(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    by_layer = load_o_proj_weights(perturbed_dir, ablation.replaced_layers)
+    by_layer = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
     by_key = load_tensors(perturbed_dir, map(o_proj_key, ablation.replaced_layers))
     with weight_edited(model, ablation, by_key):
         edited = logits(model, batch)
@@ -82,47 +86,44 @@ def test_weight_edit_restores_bit_identical(model, batch, perturbed_dir, ablatio
     assert torch.equal(logits(model, batch), before_logits)
 
 
-def test_weight_edits_of_each_kind():
-    arch = Architecture(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
-    assert weight_edits(Ablation.parse("base"), arch) == []
-    assert weight_edits(Ablation.parse("layer3"), arch) == [
+def test_weight_edits_of_each_kind(model):
+    anatomy = Anatomy.of(model)
+    assert weight_edits(Ablation.parse("base"), anatomy) == []
+    assert weight_edits(Ablation.parse("layer3"), anatomy) == [
         WeightEdit("model.layers.3.self_attn.o_proj.weight"),
         WeightEdit("model.layers.3.mlp.down_proj.weight"),
     ]
-    assert weight_edits(Ablation.parse("head3.4"), arch)[0].columns == (256, 320)
-    assert weight_edits(Ablation.parse("kvgroup3.1"), arch)[0].columns == (192, 384)
-    cumulative = weight_edits(Ablation.parse("oprojcum2_from_x"), arch)
+    assert weight_edits(Ablation.parse("head3.4"), anatomy)[0].columns == (256, 320)
+    assert weight_edits(Ablation.parse("kvgroup3.1"), anatomy)[0].columns == (192, 384)
+    cumulative = weight_edits(Ablation.parse("oprojcum2_from_x"), anatomy)
     assert [e.key for e in cumulative] == [o_proj_key(layer) for layer in range(3)]
     assert all(e.from_source for e in cumulative)
 
 
-def test_weight_edits_refuse_biased_projections(tmp_path):
-    """With a bias, a zeroed weight still adds the bias: not an exact skip, so both the HF form
-    and the vLLM backend's checkpoint check refuse it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_weight_edits_refused_where_not_exact(tmp_path):
+    """A post-LN block (OPT-350m's do_layer_norm_before: false) normalizes the residual stream
+    after the add, so zeroed projections are not a skipped layer: refused in one line; a
+    checkpoint that stores a tensor under another name is refused before vLLM starts."""
+    from transformers import OPTConfig, OPTForCausalLM
 
     from ablate.ablations import check_weight_edits_exact, checkpoint_keys
 
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+    config = OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False,
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    ablation = Ablation.parse("layer1")
-    with (
-        pytest.raises(
-            ValueError, match="o_proj has a bias, so zeroing its weight is not an exact ablation"
-        ),
-        weight_edited(model, ablation),
-    ):
-        pass
-    assert all(torch.count_nonzero(p) for p in model.parameters() if p.dim() == 2)
+    model = OPTForCausalLM(config)
+    with pytest.raises(ValueError, match=r"^layer1: opt normalizes the residual stream after"):
+        weight_edited(model, Ablation.parse("layer1")).__enter__()
+    anatomy = Anatomy.of(model)
     model.save_pretrained(tmp_path)
-    edits = weight_edits(ablation, Architecture.from_config(config))
+    keys = checkpoint_keys(tmp_path)
+    assert check_weight_edits_exact(Ablation.parse("head1.2"), anatomy, keys)
+    renamed = {key.replace("out_proj", "o") for key in keys}
     with pytest.raises(
-        ValueError, match="o_proj has a bias, so zeroing its weight is not an exact ablation"
+        ValueError, match=r"^head1.2: no tensor .*out_proj.weight in the checkpoint"
     ):
-        check_weight_edits_exact(edits, checkpoint_keys(tmp_path))
+        check_weight_edits_exact(Ablation.parse("head1.2"), anatomy, renamed)
 
 
 def test_probe_report_check():

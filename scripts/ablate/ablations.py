@@ -15,13 +15,17 @@ a short id that is also its results folder (config kind in brackets):
 ``oprojcum{L}_from_{M}``     [oproj_cumulative] ``self_attn.o_proj`` of layers 0..L from model M
 ===========================  ==================================================================
 
-Layer and head indices are 0-based, as in ``model.model.layers[i]``.
+Layer and head indices are 0-based, in the text decoder's block list. ``o_proj`` stands for
+the projection writing a block's attention output into the residual stream (GPT-NeoX
+``attention.dense``, GPT-2 ``attn.c_proj``, OPT ``out_proj``...); :mod:`ablate.anatomy` names the
+modules of each family.
 
 Every ablation also has an exact weight-edit form (:func:`weight_edits`), for engines where hooks
-cannot reach the forward pass (vLLM): a skipped layer's ``o_proj`` and ``down_proj`` are zeroed
-(with no biases the block then adds exactly 0 to the residual stream; ``attn``/``mlp`` zero one of
-the two), a silenced head's
-``o_proj`` input columns are zeroed, a replaced ``o_proj`` is the source's tensor.
+cannot reach the forward pass (vLLM): a skipped layer's attention and MLP output projections are
+zeroed, weights and biases (every expert's in a mixture of experts), so the block adds exactly 0
+to the residual stream (``attn``/``mlp`` zero one of the two); a silenced head's input features
+of ``o_proj`` are zeroed (its bias stays, as under the hook); a replaced ``o_proj`` weight is the
+source's tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ablate.anatomy import Anatomy, Architecture
 
 if TYPE_CHECKING:  # torch is imported where a model is touched: the vocabulary needs none
     import torch
@@ -50,8 +56,7 @@ ID_PREFIX = {
 }
 HEAD_KINDS = ("head", "kv_group")  # units within one layer's attention
 SOURCE_KINDS = ("oproj", "oproj_cumulative")  # units that take tensors from a source model
-# Sublayer kinds and the module of a decoder layer whose output each one zeroes.
-SUBLAYERS = {"attn": "self_attn", "mlp": "mlp"}
+SUBLAYERS = ("attn", "mlp")  # sublayer kinds: the anatomy names each one's module
 CONFIG_KINDS = (*ID_PREFIX, "paper_head")
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
 ABLATION_PATTERN = (
@@ -153,91 +158,53 @@ def sweep(spec: dict, model: dict) -> list[tuple[Ablation, int | None]]:
     return [(Ablation(unit[0], layer, head // unit[1]), head) for layer in layers for head in heads]
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The shapes an ablation needs, read from a HF config."""
+def silenced_heads(ablation: Ablation, arch: Architecture) -> range:
+    """Query heads whose output a head or kv_group ablation zeroes."""
+    if ablation.kind == "head":
+        return range(ablation.head, ablation.head + 1)
+    group = arch.heads_per_group
+    return range(ablation.head * group, (ablation.head + 1) * group)
 
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
 
-    @classmethod
-    def from_config(cls, config) -> Architecture:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text_config.num_attention_heads
-        return cls(
-            num_layers=text_config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+def check_in_range(ablation: Ablation, arch: Architecture) -> None:
+    """Raise ValueError if ``ablation`` names a layer or head this architecture lacks."""
+    if ablation.kind == "base":
+        return
+    if not 0 <= ablation.layer < arch.num_layers:
+        raise ValueError(
+            f"{ablation.id}: layer {ablation.layer} out of range 0..{arch.num_layers - 1}"
         )
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def silenced_heads(self, ablation: Ablation) -> range:
-        """Query heads whose output an ablation zeroes."""
-        if ablation.kind == "head":
-            return range(ablation.head, ablation.head + 1)
-        group = self.heads_per_group
-        return range(ablation.head * group, (ablation.head + 1) * group)
-
-    def check(self, ablation: Ablation) -> None:
-        """Raise ValueError if ``ablation`` names a layer or head this architecture lacks."""
-        if ablation.kind == "base":
-            return
-        if not 0 <= ablation.layer < self.num_layers:
+    if ablation.kind == "head" and not 0 <= ablation.head < arch.num_heads:
+        raise ValueError(
+            f"{ablation.id}: head {ablation.head} out of range 0..{arch.num_heads - 1}"
+        )
+    if ablation.kind == "kv_group":
+        if arch.num_kv_heads == arch.num_heads:
             raise ValueError(
-                f"{ablation.id}: layer {ablation.layer} out of range 0..{self.num_layers - 1}"
+                f"{ablation.id}: head mode kv_group needs grouped-query attention, "
+                f"but this model has {arch.num_heads} query and {arch.num_kv_heads} KV heads"
             )
-        if ablation.kind == "head" and not 0 <= ablation.head < self.num_heads:
+        if not 0 <= ablation.head < arch.num_kv_heads:
             raise ValueError(
-                f"{ablation.id}: head {ablation.head} out of range 0..{self.num_heads - 1}"
+                f"{ablation.id}: KV group {ablation.head} out of range 0..{arch.num_kv_heads - 1}"
             )
-        if ablation.kind == "kv_group":
-            if self.num_kv_heads == self.num_heads:
-                raise ValueError(
-                    f"{ablation.id}: head mode kv_group needs grouped-query attention, "
-                    f"but this model has {self.num_heads} query and {self.num_kv_heads} KV heads"
-                )
-            if not 0 <= ablation.head < self.num_kv_heads:
-                raise ValueError(
-                    f"{ablation.id}: KV group {ablation.head} out of range 0..{self.num_kv_heads - 1}"
-                )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder block list of a HF causal LM (``model.model.layers`` for LLaMA/Qwen)."""
-    from torch import nn
-
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(f"{type(model).__name__} has no '*.layers' ModuleList of decoder blocks")
-
-
-def o_proj_key(layer: int) -> str:
-    return f"model.layers.{layer}.self_attn.o_proj.weight"
-
-
-def down_proj_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.down_proj.weight"
 
 
 @dataclass(frozen=True)
 class WeightEdit:
-    """One checkpoint tensor an ablation changes: zeroed whole, zeroed in its input columns
-    ``columns`` (start, stop), or replaced by the source model's tensor of the same name."""
+    """One model tensor an ablation changes (by its state-dict key, which is the checkpoint's for
+    text-only models): zeroed whole, zeroed in its input features ``columns`` (start, stop) along
+    ``axis`` (1 for a Linear's (out, in) weight, 0 for GPT-2's Conv1D (in, out)), or replaced
+    by the source model's tensor of the same name."""
 
     key: str
     columns: tuple[int, int] | None = None
+    axis: int = 1
     from_source: bool = False
 
     @property
     def module(self) -> str:
-        return self.key.removesuffix(".weight")
+        return self.key.rpartition(".")[0]
 
     def apply(self, original: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """The edited tensor (a new one; ``original`` is left as it was)."""
@@ -249,42 +216,52 @@ class WeightEdit:
         if self.columns is None:
             return original.new_zeros(original.shape)
         edited = original.clone()
-        edited[:, self.columns[0] : self.columns[1]] = 0
+        edited.narrow(self.axis, self.columns[0], self.columns[1] - self.columns[0]).zero_()
         return edited
 
 
-def weight_edits(ablation: Ablation, arch: Architecture) -> list[WeightEdit]:
-    """The exact weight-edit form of ``ablation`` (empty for the baseline)."""
-    arch.check(ablation)
-    if ablation.kind == "attn":
-        return [WeightEdit(o_proj_key(ablation.layer))]
-    if ablation.kind == "mlp":
-        return [WeightEdit(down_proj_key(ablation.layer))]
-    if ablation.kind == "layer":  # both sublayers
-        return [WeightEdit(o_proj_key(ablation.layer)), WeightEdit(down_proj_key(ablation.layer))]
+def weight_edits(ablation: Ablation, anatomy: Anatomy) -> list[WeightEdit]:
+    """The exact weight-edit form of ``ablation`` (empty for the baseline): a sublayer's output
+    projections (weights and biases; every expert's) zeroed, a head's input features of the
+    attention output projection zeroed, or that projection's weight taken from the source."""
+    check_in_range(ablation, anatomy.arch)
+    if ablation.kind in ("layer", *SUBLAYERS):
+        sublayers = SUBLAYERS if ablation.kind == "layer" else (ablation.kind,)
+        keys = [key for part in sublayers for key in anatomy.out_parameters(ablation.layer, part)]
+        return [WeightEdit(key) for key in keys]
     if ablation.kind in HEAD_KINDS:
-        heads = arch.silenced_heads(ablation)
-        columns = (heads.start * arch.head_dim, heads.stop * arch.head_dim)
-        return [WeightEdit(o_proj_key(ablation.layer), columns=columns)]
-    return [WeightEdit(o_proj_key(layer), from_source=True) for layer in ablation.replaced_layers]
+        heads, width = silenced_heads(ablation, anatomy.arch), anatomy.head_width
+        return [
+            WeightEdit(
+                anatomy.attention_out_weight(ablation.layer),
+                columns=(heads.start * width, heads.stop * width),
+                axis=0 if anatomy.conv1d_out else 1,
+            )
+        ]
+    return [
+        WeightEdit(anatomy.attention_out_weight(layer), from_source=True)
+        for layer in ablation.replaced_layers
+    ]
 
 
-def check_weight_edits_exact(edits: list[WeightEdit], tensor_keys: Iterable[str]) -> None:
-    """Raise ValueError unless every edited module is a bias-free linear map among
-    ``tensor_keys`` (a model's state-dict or a checkpoint's tensor names): the condition under
-    which zeroing its weight removes its whole contribution."""
+def check_weight_edits_exact(
+    ablation: Ablation, anatomy: Anatomy, tensor_keys: Iterable[str]
+) -> list[WeightEdit]:
+    """``ablation``'s weight edits, or ValueError (one line) where they are not exact or name
+    tensors that ``tensor_keys`` (a model's state dict or a checkpoint's tensor names) lacks."""
+    edits = weight_edits(ablation, anatomy)
+    if anatomy.post_norm_residual and ablation.kind in ("layer", *SUBLAYERS):
+        raise ValueError(
+            f"{ablation.id}: {anatomy.model_type} normalizes the residual stream after each "
+            "sublayer's add, so zeroed projections are not a removed sublayer (use backend: hf)"
+        )
     keys = set(tensor_keys)
-    for edit in edits:
-        if edit.key not in keys:
-            raise ValueError(
-                f"no tensor {edit.key}: weight-edit ablations need LLaMA-style self_attn.o_proj "
-                "and mlp.down_proj (use backend: hf)"
-            )
-        if f"{edit.module}.bias" in keys:
-            raise ValueError(
-                f"{edit.module} has a bias, so zeroing its weight is not an exact ablation "
-                "(use backend: hf, whose hooks are exact)"
-            )
+    if missing := [edit.key for edit in edits if edit.key not in keys]:
+        raise ValueError(
+            f"{ablation.id}: no tensor {missing[0]} in the checkpoint ({anatomy.model_type} "
+            "stores it under another name, e.g. fused or per-expert; use backend: hf)"
+        )
+    return edits
 
 
 def checkpoint_keys(checkpoint_dir: Path) -> set[str]:
@@ -303,20 +280,19 @@ def weight_edited(
     model: nn.Module, ablation: Ablation, source: Mapping[str, torch.Tensor] | None = None
 ) -> Iterator[None]:
     """Apply ``ablation`` as weight edits for the duration of the block; the original tensors
-    are put back on exit (bit-identical). ``source``: checkpoint key -> tensor, for o_proj kinds."""
-    edits = weight_edits(ablation, Architecture.from_config(model.config))
-    check_weight_edits_exact(edits, model.state_dict())
+    are put back on exit (bit-identical). ``source``: state-dict key -> tensor, for o_proj kinds."""
+    parameters = dict(model.named_parameters())
+    edits = check_weight_edits_exact(ablation, Anatomy.of(model), parameters)
     originals: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         for edit in edits:
-            weight = model.get_submodule(edit.module).weight
-            replacement = (source or {}).get(edit.key)
-            originals.append((weight, weight.data))
-            weight.data = edit.apply(weight.data, replacement)
+            parameter = parameters[edit.key]
+            originals.append((parameter, parameter.data))
+            parameter.data = edit.apply(parameter.data, (source or {}).get(edit.key))
         yield
     finally:
-        for weight, original in originals:
-            weight.data = original
+        for parameter, original in originals:
+            parameter.data = original
 
 
 def load_tensors(checkpoint_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -333,15 +309,19 @@ def load_tensors(checkpoint_dir: Path, keys: Iterable[str]) -> dict[str, torch.T
     return found
 
 
-def load_o_proj_weights(checkpoint_dir: Path, layers: range) -> dict[int, torch.Tensor]:
-    """The o_proj weights of ``layers`` from a safetensors checkpoint, by layer."""
-    tensors = load_tensors(checkpoint_dir, map(o_proj_key, layers))
-    return {layer: tensors[o_proj_key(layer)] for layer in layers}
+def load_o_proj_weights(
+    checkpoint_dir: Path, anatomy: Anatomy, layers: Iterable[int]
+) -> dict[int, torch.Tensor]:
+    """The attention output projection weights of ``layers`` from a safetensors checkpoint."""
+    layers = list(layers)
+    tensors = load_tensors(checkpoint_dir, map(anatomy.attention_out_weight, layers))
+    return {layer: tensors[anatomy.attention_out_weight(layer)] for layer in layers}
 
 
 def _skip_layer(module, args, kwargs, output):
     # The block's output becomes its input: identical to deleting the block.
-    return args[0] if args else kwargs["hidden_states"]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def _zero_output(module, args, output):
@@ -351,8 +331,8 @@ def _zero_output(module, args, output):
     return output.new_zeros(output.shape)
 
 
-def _zero_heads_hook(heads: range, head_dim: int):
-    start, stop = heads.start * head_dim, heads.stop * head_dim
+def _zero_heads_hook(heads: range, head_width: int):
+    start, stop = heads.start * head_width, heads.stop * head_width
 
     def hook(module, args):
         hidden = args[0].clone()
@@ -367,29 +347,33 @@ def ablated(
     model: nn.Module,
     ablation: Ablation,
     source_o_proj: Mapping[int, torch.Tensor] | None = None,
+    anatomy: Anatomy | None = None,
 ) -> Iterator[None]:
-    """Apply ``ablation`` to ``model`` for the duration of the block; always undone on exit."""
-    arch = Architecture.from_config(model.config)
-    arch.check(ablation)
-    layers = decoder_layers(model)
+    """Apply ``ablation`` to ``model`` for the duration of the block; always undone on exit.
+    ``source_o_proj``: layer -> the source's attention output projection weight (o_proj kinds);
+    ``anatomy``: the model's, where the caller has it."""
+    anatomy = anatomy or Anatomy.of(model)
+    check_in_range(ablation, anatomy.arch)
+    blocks = anatomy.blocks(model)
     handles = []
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         if ablation.kind == "layer":
-            block = layers[ablation.layer]
+            block = blocks[ablation.layer]
             handles.append(block.register_forward_hook(_skip_layer, with_kwargs=True))
         elif ablation.kind in SUBLAYERS:
-            sublayer = layers[ablation.layer].get_submodule(SUBLAYERS[ablation.kind])
+            name = anatomy.attention if ablation.kind == "attn" else anatomy.mlp
+            sublayer = blocks[ablation.layer].get_submodule(name)
             handles.append(sublayer.register_forward_hook(_zero_output))
         elif ablation.kind in HEAD_KINDS:
-            o_proj = layers[ablation.layer].self_attn.o_proj
-            hook = _zero_heads_hook(arch.silenced_heads(ablation), arch.head_dim)
-            handles.append(o_proj.register_forward_pre_hook(hook))
+            out = blocks[ablation.layer].get_submodule(anatomy.attention_out)
+            hook = _zero_heads_hook(silenced_heads(ablation, anatomy.arch), anatomy.head_width)
+            handles.append(out.register_forward_pre_hook(hook))
         elif ablation.kind in SOURCE_KINDS:
             if source_o_proj is None:
                 raise ValueError(f"{ablation.id} needs the source model's o_proj weights")
             for layer in ablation.replaced_layers:
-                weight = layers[layer].self_attn.o_proj.weight
+                weight = blocks[layer].get_submodule(anatomy.attention_out).weight
                 replacement = source_o_proj[layer]
                 if replacement.shape != weight.shape:
                     raise ValueError(

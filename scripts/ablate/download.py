@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -13,6 +14,7 @@ from typing import Any
 from ablate.config import ConfigError, check_task_metrics
 from ablate.io import write_atomically
 
+log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*"]
 
 
@@ -26,13 +28,19 @@ def check_token(model_id: str, spec: dict[str, Any]) -> None:
         )
 
 
-def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:
-    """The config's declared shapes must be the checkpoint's, since unit ranges come from them."""
+def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) -> str | None:
+    """Refuse a checkpoint whose decoder parts ablations cannot find, or whose shapes are not the
+    config's (unit ranges come from them); return why the shared-prefix sweep cannot reproduce
+    its forward (None: it can). From its config.json alone, before any GPU job."""
     from transformers import AutoConfig
 
-    from ablate.ablations import Architecture
+    from ablate.anatomy import UnsupportedModel, anatomy_from_config
 
-    arch = Architecture.from_config(AutoConfig.from_pretrained(checkpoint))
+    try:
+        anatomy = anatomy_from_config(AutoConfig.from_pretrained(checkpoint))
+    except UnsupportedModel as error:
+        raise ConfigError(f"models.{model_id}: cannot be ablated: {error}") from None
+    arch = anatomy.arch
     real = {
         "num_layers": arch.num_layers,
         "num_heads": arch.num_heads,
@@ -43,6 +51,7 @@ def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) ->
             raise ConfigError(
                 f"models.{model_id}.{key}: config says {spec[key]}, checkpoint has {value}"
             )
+    return anatomy.sweep_blocker(spec.get("attn_implementation"))
 
 
 def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:
@@ -73,7 +82,12 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
             spec["repo_id"], revision=commit, local_dir=out_dir, allow_patterns=CHECKPOINT_FILES
         )
         record = {"repo_id": spec["repo_id"], "revision": spec.get("revision"), "commit": commit}
-    check_architecture(model_id, spec, out_dir)
+    if sweep_off := check_architecture(model_id, spec, out_dir):
+        record["sweep_off"] = sweep_off
+        log.warning(
+            "models.%s: %s, so its log-likelihood units are scored by lm-eval's HFLM one "
+            "evaluation each (exact; no shared prefix)", model_id, sweep_off,
+        )  # fmt: skip
     check_thinking_switch(model_id, spec, out_dir)
     if spec.get("o_proj_noise"):
         record["o_proj_noise"] = spec["o_proj_noise"]

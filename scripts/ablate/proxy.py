@@ -8,7 +8,10 @@ For decoder layer l with input h_in and output h_out at a token:
 both averaged over every non-padding token of every prompt. A high value means the layer
 changes the residual stream a lot, i.e. it should matter more when skipped. The same two
 measures per sublayer (``attn_*``, ``mlp_*``) compare the residual stream before and after that
-sublayer alone: h_in against h_mid = h_in + attention output, and h_mid against h_out.
+sublayer alone: h_in against h_mid = h_in + attention output, and h_mid against h_out. That
+split exists where a block adds its sublayers' outputs as they are (h_out = h_in + attention +
+MLP, sequential or parallel); where it normalizes them first (Gemma, OLMo-2) the sublayer
+columns are NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ablate.ablations import decoder_layers
+from ablate.anatomy import Anatomy
 
 PARTS = ("", "attn_", "mlp_")  # whole layer, attention sublayer, MLP sublayer
 
@@ -35,14 +38,16 @@ def layer_proxies(
     Layer inputs, attention outputs and layer outputs are captured by forward hooks; only float64
     running sums are kept.
     """
-    layers = decoder_layers(model)
+    anatomy = Anatomy.of(model)
+    layers = anatomy.blocks(model)
     device = next(model.parameters()).device
     sums = {
         (part, name): torch.zeros(len(layers), dtype=torch.float64, device=device)
         for part in PARTS
         for name in ("cos", "angle")
     }
-    attention: dict[int, torch.Tensor] = {}
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+    split = [True] * len(layers)  # h_out = h_in + attention + MLP outputs at every token so far
     tokens = 0
 
     def add(part: str, index: int, before: torch.Tensor, after: torch.Tensor) -> None:
@@ -52,9 +57,10 @@ def layer_proxies(
         angle = torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi
         sums[(part, "angle")][index] += angle.to(device)
 
-    def keep_attention(index: int):
+    def keep(part: str, index: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            attention[index] = output[0] if isinstance(output, tuple) else output
+            output = output[0] if isinstance(output, tuple) else output
+            outputs[(part, index)] = output.clone()  # Falcon adds into its MLP output in place
 
         return hook
 
@@ -62,8 +68,11 @@ def layer_proxies(
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output if isinstance(output, torch.Tensor) else output[0]
-            h_mid = h_in + attention.pop(index)  # the residual stream between the sublayers
+            attention, mlp = outputs.pop(("attn", index)), outputs.pop(("mlp", index))
+            h_mid = h_in + attention  # the residual stream between the sublayers
             add("", index, h_in, h_out)
+            tolerance = 1e-3 * float(h_out.abs().max())
+            split[index] &= torch.allclose(h_mid + mlp, h_out, rtol=1e-3, atol=tolerance)
             add("attn_", index, h_in, h_mid)
             add("mlp_", index, h_mid, h_out)
 
@@ -73,7 +82,8 @@ def layer_proxies(
         handle
         for index, layer in enumerate(layers)
         for handle in (
-            layer.self_attn.register_forward_hook(keep_attention(index)),
+            layer.get_submodule(anatomy.attention).register_forward_hook(keep("attn", index)),
+            layer.get_submodule(anatomy.mlp).register_forward_hook(keep("mlp", index)),
             layer.register_forward_hook(capture(index), with_kwargs=True),
         )
     ]
@@ -93,9 +103,15 @@ def layer_proxies(
     if tokens == 0:
         raise ValueError("no non-padding tokens in the batches")
     columns = {"layer": range(len(layers))}
+    undefined = torch.tensor([not s for s in split], device=device)
     for part in PARTS:
-        columns[f"{part}block_influence"] = (1.0 - sums[(part, "cos")] / tokens).cpu().numpy()
-        columns[f"{part}angular_distance"] = (sums[(part, "angle")] / tokens).cpu().numpy()
+        for name, value in (
+            ("block_influence", 1.0 - sums[(part, "cos")] / tokens),
+            ("angular_distance", sums[(part, "angle")] / tokens),
+        ):
+            if part:
+                value = value.masked_fill(undefined, math.nan)
+            columns[f"{part}{name}"] = value.cpu().numpy()
     return pd.DataFrame(columns)
 
 

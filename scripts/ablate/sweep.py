@@ -27,6 +27,7 @@ the finished batches and runs only the rest, in the same batches, so its answers
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -41,7 +42,8 @@ from typing import Any, BinaryIO
 import torch
 import torch.nn.functional as F
 
-from ablate.ablations import Ablation, ablated, decoder_layers
+from ablate.ablations import Ablation, ablated
+from ablate.anatomy import Anatomy
 
 Request = tuple[tuple[int, ...], tuple[int, ...]]  # (context tokens, continuation tokens)
 Answer = tuple[float, bool]  # (sum of continuation log-probabilities, continuation is greedy)
@@ -50,41 +52,84 @@ log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
-    """Raised by a pre-hook to stop a forward pass once the first layer's inputs are known."""
+    """Raised by the last block's stand-in to stop a forward pass once every block's inputs are
+    known."""
 
 
-def first_layer_inputs(
-    model, input_ids: torch.Tensor, **inputs: torch.Tensor | None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states and keyword arguments (mask, rotary embeddings, ...) the model passes to its
-    first decoder layer for ``input_ids`` (and ``inputs``: position ids, a 4D mask); the model's
-    own forward builds them, then is stopped."""
-    captured: dict[str, Any] = {}
+# What a block calls its KV cache argument (LLaMA-likes, GPT-NeoX and Falcon, transformers 4).
+CACHE_ARGUMENTS = ("past_key_values", "layer_past", "past_key_value", "cache")
 
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = kwargs
-        raise _Captured
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
+def layer_inputs(
+    model, anatomy: Anatomy, input_ids: torch.Tensor, **inputs: torch.Tensor | None
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states the model passes to its first block for ``input_ids`` (and ``inputs``:
+    position ids, a 4D mask), and every block's other arguments by name (its mask, rotary
+    embeddings, ... as the model's own forward builds them per layer type). The blocks are
+    stood in for by recorders, and the forward is stopped at the last."""
+    blocks = anatomy.blocks(model)
+    hidden: list[torch.Tensor] = []
+    calls: list[dict[str, Any]] = []
+
+    def recorder(block):
+        signature = inspect.signature(block.forward)
+
+        def record(*args, **kwargs):
+            bound = dict(signature.bind(*args, **kwargs).arguments)
+            for name, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    bound |= bound.pop(name, {})
+            states = bound.pop(next(iter(signature.parameters)))
+            hidden.append(states)
+            calls.append(bound)
+            if len(calls) == len(blocks):
+                raise _Captured
+            return states
+
+        return record
+
+    for block in blocks:
+        block.forward = recorder(block)
     try:
         model(input_ids=input_ids, use_cache=False, **inputs)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
+        for block in blocks:
+            del block.forward
+    return hidden[0], calls
 
 
-def check_supported(model) -> None:
-    """Refuse models whose layers do not all take the same mask (sliding-window mixes)."""
-    layer_types = set(getattr(model.config.get_text_config(), "layer_types", None) or ())
-    if len(layer_types) > 1:
-        raise ValueError(
-            f"prefix reuse needs one attention type for all layers, this model mixes "
-            f"{sorted(layer_types)}; set evaluation.prefix_reuse: false"
-        )
+class _Inject(torch.nn.Module):
+    """Stands in for the whole block list: returns the given top-layer hidden states."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.hidden
+
+
+def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the last block's hidden states (tokens x width) through the model's own path
+    from there: its final norm, its head and whatever it does to logits (Cohere's and Granite's
+    scaling, Gemma's soft-capping). The model's forward runs on placeholder tokens with its
+    block list replaced by one module returning ``hidden``."""
+    parent, _, name = anatomy.layers.rpartition(".")
+    owner = model.get_submodule(parent)
+    blocks = getattr(owner, name)
+    setattr(owner, name, torch.nn.ModuleList([_Inject(hidden[None])]))
+    try:
+        placeholder = torch.zeros(1, len(hidden), dtype=torch.long, device=hidden.device)
+        return model(input_ids=placeholder, use_cache=False).logits[0]
+    finally:
+        setattr(owner, name, blocks)
+
+
+def sweep_blocker(model, anatomy: Anatomy) -> str | None:
+    """Why the sweep cannot reproduce ``model``'s forward (None: it can)."""
+    return anatomy.sweep_blocker(model.config._attn_implementation)
 
 
 def shares_contexts(model) -> bool:
@@ -94,10 +139,14 @@ def shares_contexts(model) -> bool:
 
 
 def continuation_answers(
-    model, spans: list[torch.Tensor], continuations: list[tuple[int, ...]], softmax_dtype
+    model,
+    anatomy: Anatomy,
+    spans: list[torch.Tensor],
+    continuations: list[tuple[int, ...]],
+    softmax_dtype,
 ) -> list[Answer]:
     """Score continuations from the last layer's hidden states at their scored positions."""
-    logits = model.get_output_embeddings()(model.get_decoder().norm(torch.cat(spans)))
+    logits = head_logits(model, anatomy, torch.cat(spans))
     log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
     best = log_probs.amax(dim=-1)  # not argmax: ~6x slower on CPU
     targets = torch.tensor([token for cont in continuations for token in cont])
@@ -125,8 +174,9 @@ def sweep_loglikelihoods(
 ) -> dict[str, list[Answer]]:
     """Answers per ablation id for every request, in request order."""
     answers: dict[str, list[Answer | None]] = {a.id: [None] * len(requests) for a in ablations}
+    anatomy = Anatomy.of(model)
     for batch in plan_batches(requests, batch_size, max_length, shares_contexts(model)):
-        scored = score_batch(model, batch, ablations, source_o_proj, softmax_dtype)
+        scored = score_batch(model, anatomy, batch, ablations, source_o_proj, softmax_dtype)
         for ablation_id, batch_answers in scored.items():
             for index, answer in zip(batch.owners, batch_answers, strict=True):
                 answers[ablation_id][index] = answer
@@ -256,11 +306,12 @@ def padded_tokens(batch: Batch) -> int:
     return contexts + rows * width
 
 
-def option_inputs(model, batch: Batch, kept: KeptKV, cache_name: str):
-    """Hidden states and keyword arguments of the first layer's call on the batch's options,
-    packed into rows, and each option's (row, start). An option's queries see its context's
-    keys and its own causally, at the positions they have in lm-eval's row (context + option);
-    with causal attention and rotary positions that is the computation of its own sequence."""
+def option_inputs(model, anatomy: Anatomy, batch: Batch):
+    """Hidden states and per-layer arguments of the first layer's call on the batch's options,
+    packed into rows (no cache yet), and each option's (row, start). An option's queries see its
+    context's keys and its own causally, at the positions they have in lm-eval's row (context +
+    option), within each layer's sliding window; with causal attention and rotary positions that
+    is the computation of its own sequence."""
     rows, width, places = pack_options([len(tokens) for _, tokens in batch.options])
     context_width = max(map(len, batch.contexts))
     own = len(batch.contexts) * context_width  # the first key column of a row's own tokens
@@ -276,44 +327,78 @@ def option_inputs(model, batch: Batch, kept: KeptKV, cache_name: str):
         mask[row, span, own + start : own + start + len(tokens)] = torch.ones(
             len(tokens), len(tokens), dtype=torch.bool
         ).tril()
-    mask = mask[:, None]
-    if model.config._attn_implementation == "eager":  # additive, as transformers builds it
-        dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    device = model.get_input_embeddings().weight.device
-    hidden, kwargs = first_layer_inputs(
-        model, ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device)
+    # Each key column's position in its own sequence: how far a query looks back to it.
+    key_positions = torch.cat(
+        [torch.arange(context_width).repeat(len(batch.contexts)).expand(rows, -1), positions], 1
     )
-    kwargs[cache_name] = ContextKV(kept, rows)
-    return hidden, kwargs, places
-
-
-def layer_calls(model, batch: Batch):
-    """Hidden states and keyword arguments of the first layer's calls on ``batch`` (the
-    contexts as causal rows, then the options packed on them, if any), and where each option
-    is packed: (row, start)."""
+    distance = positions[:, :, None] - key_positions[:, None, :]
     device = model.get_input_embeddings().weight.device
-    hidden, kwargs = first_layer_inputs(model, right_padded(batch.contexts).to(device))
+    masks = {
+        window: _as_attention_mask(
+            model, mask if window is None else mask & (distance < window)
+        ).to(device)
+        for window in set(anatomy.windows)
+    }
+    hidden, calls = layer_inputs(
+        model, anatomy, ids.to(device), position_ids=positions.to(device),
+        attention_mask=masks[anatomy.windows[0]],
+    )  # fmt: skip
+    for call, window in zip(calls, anatomy.windows, strict=True):
+        call["attention_mask"] = masks[window]
+    return hidden, calls, places
+
+
+def _as_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A (rows, queries, keys) boolean mask as the model's attention takes it: 4D, additive for
+    eager attention (as transformers builds it)."""
+    allowed = allowed[:, None]
+    if model.config._attn_implementation != "eager":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def layer_calls(model, anatomy: Anatomy, batch: Batch):
+    """Hidden states and per-layer arguments of the calls on ``batch`` (the contexts as causal
+    rows, then the options packed on them, if any), and where each option is packed: (row,
+    start)."""
+    device = model.get_input_embeddings().weight.device
+    hidden, calls = layer_inputs(model, anatomy, right_padded(batch.contexts).to(device))
     if not any(tokens for _, tokens in batch.options):
-        return [hidden], [kwargs], []
-    if not shares_contexts(model):
-        raise ValueError(f"{model.config._attn_implementation} attention takes no 4D mask")
-    cache_name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 4
-    kwargs[cache_name] = kept = KeptKV()
-    option_hidden, option_kwargs, places = option_inputs(model, batch, kept, cache_name)
-    return [hidden, option_hidden], [kwargs, option_kwargs], places
+        return [hidden], [calls], []
+    if blocker := sweep_blocker(model, anatomy):
+        raise ValueError(f"options cannot share their contexts: {blocker}")
+    cache = next((name for name in CACHE_ARGUMENTS if name in calls[0]), None)
+    if cache is None:
+        raise ValueError(f"{type(anatomy.blocks(model)[0]).__name__} takes no KV cache argument")
+    option_hidden, option_calls, places = option_inputs(model, anatomy, batch)
+    kept = KeptKV()
+    for context_call, option_call in zip(calls, option_calls, strict=True):
+        context_call[cache], option_call[cache] = kept, ContextKV(kept, len(option_hidden))
+    return [hidden, option_hidden], [calls, option_calls], places
 
 
-def run_layers(layers, hidden: list[torch.Tensor], start: int, stop: int, calls: list[dict]):
-    """Layers ``start``..``stop`` on each call's hidden states in turn (contexts first)."""
-    for layer in layers[start:stop]:
-        hidden = [layer(states, **kwargs) for states, kwargs in zip(hidden, calls, strict=True)]
+def run_layers(
+    blocks, hidden: list[torch.Tensor], start: int, stop: int, calls: list[list[dict]]
+) -> list[torch.Tensor]:
+    """Blocks ``start``..``stop`` on each call's hidden states in turn (contexts first), each
+    block with its own arguments."""
+    for index in range(start, stop):
+        hidden = [
+            _hidden_of(blocks[index](states, **arguments[index]))
+            for states, arguments in zip(hidden, calls, strict=True)
+        ]
     return hidden
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # blocks returning (hidden, ...)
 
 
 @torch.no_grad()
 def score_batch(
     model,
+    anatomy: Anatomy,
     batch: Batch,
     ablations: Sequence[Ablation],
     source_o_proj: Mapping[int, torch.Tensor] | None,
@@ -321,17 +406,16 @@ def score_batch(
 ) -> dict[str, list[Answer]]:
     """Per ablation id, the answers of ``batch.rows``: the unablated model runs upward once and
     each ablation branches off at its first changed layer (base at the top)."""
-    check_supported(model)
-    layers = decoder_layers(model)
-    branches = sorted((a.first_changed_layer(len(layers)), a.id, a) for a in ablations)
-    hidden, calls, places = layer_calls(model, batch)
+    blocks = anatomy.blocks(model)
+    branches = sorted((a.first_changed_layer(len(blocks)), a.id, a) for a in ablations)
+    hidden, calls, places = layer_calls(model, anatomy, batch)
     continuations = [continuation for _, continuation in batch.rows]
     reached, answers = 0, {}
     for first, _, ablation in branches:
-        hidden = run_layers(layers, hidden, reached, first, calls)
-        reached, lowest = first, ablation.first_run_layer(len(layers))
-        with ablated(model, ablation, source_o_proj):
-            top = run_layers(layers, hidden, lowest, len(layers), calls)
+        hidden = run_layers(blocks, hidden, reached, first, calls)
+        reached, lowest = first, ablation.first_run_layer(len(blocks))
+        with ablated(model, ablation, source_o_proj, anatomy):
+            top = run_layers(blocks, hidden, lowest, len(blocks), calls)
         spans = []
         for option, continuation in batch.rows:
             context, tokens = batch.options[option]
@@ -340,7 +424,9 @@ def score_batch(
             if tokens:
                 row, start = places[option]
                 spans.append(top[1][row, start : start + len(tokens)])
-        answers[ablation.id] = continuation_answers(model, spans, continuations, softmax_dtype)
+        answers[ablation.id] = continuation_answers(
+            model, anatomy, spans, continuations, softmax_dtype
+        )
     return answers
 
 
@@ -433,6 +519,7 @@ class PrefixSweep:
     _file: ProgressFile | None = None
 
     def __post_init__(self) -> None:
+        self.anatomy = Anatomy.of(self.model)
         if self.progress_path is None:
             return
         self._file = ProgressFile(self.progress_path)
@@ -481,7 +568,9 @@ class PrefixSweep:
         )  # fmt: skip
         start = time.perf_counter()
         for done, batch in enumerate(batches, 1):
-            scored = score_batch(self.model, batch, pending, self.source_o_proj, self.softmax_dtype)
+            scored = score_batch(
+                self.model, self.anatomy, batch, pending, self.source_o_proj, self.softmax_dtype
+            )
             keys = [requests[index][0] for index in batch.owners]
             for ablation_id, answers in scored.items():
                 self._answers.setdefault(ablation_id, {}).update(zip(keys, answers, strict=True))

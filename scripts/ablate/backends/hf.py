@@ -11,16 +11,20 @@ request caches, so a resubmitted chunk computes only what a kill cut off.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ablate.ablations import Ablation, ablated, decoder_layers, load_o_proj_weights
+from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.anatomy import Anatomy
 from ablate.job import Job
 from ablate.models import load_model
-from ablate.sweep import PrefixSweep
+from ablate.sweep import PrefixSweep, sweep_blocker
 from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
+
+log = logging.getLogger(__name__)
 
 
 def budget_flags(
@@ -87,17 +91,24 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
 def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     """Evaluate ``job`` once per (ablation, output folder), with one model load and task build."""
     model, tokenizer = load_model(job.model_dir, job.model)
+    anatomy = Anatomy.of(model)
     lm = build_lm(model, tokenizer, job.task)
     replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
     source = None
     if replaced:  # moved next to the weights they replace once, not on every swap
-        targets = [layer.self_attn.o_proj.weight for layer in decoder_layers(model)]
+        blocks = anatomy.blocks(model)
+        targets = [block.get_submodule(anatomy.attention_out).weight for block in blocks]
         source = {
             index: weight.to(dtype=targets[index].dtype, device=targets[index].device)
-            for index, weight in load_o_proj_weights(job.source_dir, replaced).items()
+            for index, weight in load_o_proj_weights(job.source_dir, anatomy, replaced).items()
         }
     progress = Progress([a.id for a, _ in ablations])
-    if job.prefix_reuse and job.task["protocol"] == "loglikelihood":
+    blocker = sweep_blocker(model, anatomy)
+    if job.prefix_reuse and blocker is not None:  # the config check said so before the job
+        log.info(
+            "prefix_reuse off for %s: %s; lm-eval's HFLM scores every unit", job.model_dir, blocker
+        )
+    if job.prefix_reuse and blocker is None and job.task["protocol"] == "loglikelihood":
         units = [a for a, _ in ablations]
         lm.prefix_sweep = PrefixSweep(
             model, units, source, lm.batch_size, lm.max_length, lm.softmax_dtype,
@@ -108,7 +119,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     @contextlib.contextmanager
     def applied(ablation: Ablation):
         if lm.prefix_sweep is None:
-            with ablated(model, ablation, source):
+            with ablated(model, ablation, source, anatomy):
                 yield
             return
         lm.prefix_sweep.current = ablation  # the sweep applies each ablation to its own branch

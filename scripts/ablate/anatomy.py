@@ -1,0 +1,221 @@
+"""What a decoder LLM is made of, as ablations need it: the one owner of module names and shapes.
+
+:class:`Architecture` holds the shapes, from a HF config alone (config checks, planning, vLLM's
+driver). :class:`Anatomy` holds the modules, from a loaded model (or one built on the ``meta``
+device from its config, in milliseconds and no memory: :func:`anatomy_from_config`): the text
+decoder's blocks (a multimodal wrapper's language model, never its vision tower), each block's
+attention and MLP sublayers, the projections that write their outputs into the residual stream,
+the per-head width that projection reads, and each layer's attention window. Hooks, weight edits,
+the shared-prefix sweep and the proxies read it; nothing else names a module.
+
+Names are derived from the module tree; the small tables below list the names families give the
+same part (LLaMA ``self_attn.o_proj`` / ``mlp.down_proj``, GPT-NeoX ``attention.dense`` /
+``mlp.dense_4h_to_h``, GPT-2 ``attn.c_proj`` (Conv1D), OPT ``self_attn.out_proj`` / ``fc2``,
+Falcon ``self_attention.dense``, Phi ``dense`` / ``fc2``, MoE ``experts.down_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+ATTENTION_OUT_NAMES = ("o_proj", "dense", "out_proj", "c_proj")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "fc2")  # OPT's MLP ends in the block's fc2
+# Parameters that write the MLP's (or every expert's, and a shared expert's) output.
+MLP_OUT_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "w2")
+# Model types whose log-likelihoods the shared-prefix sweep reproduces exactly (each is in the
+# exactness matrix, tests/test_families.py); others are scored by lm-eval's HFLM, also exact.
+SWEEP_FAMILIES = frozenset(
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "gemma2",
+        "gemma3_text",
+        "gemma3",
+        "phi3",
+        "olmo2",
+        "gpt_neox",
+        "gpt2",
+        "opt",
+        "cohere",
+        "granite",
+        "deepseek_v3",
+        "gpt_oss",
+        "starcoder2",
+        "phi",
+    ]
+)
+ATTENTION_TYPES = ("full_attention", "sliding_attention")  # what the sweep's masks express
+
+
+class UnsupportedModel(ValueError):
+    """A model whose parts an ablation needs cannot be found; the message says which."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes an ablation needs, read from a HF config (the text decoder's, for multimodal
+    wrappers)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+
+    @classmethod
+    def from_config(cls, config) -> Architecture:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None)
+        if getattr(text, "multi_query", False) and not getattr(
+            text, "new_decoder_architecture", False
+        ):
+            kv_heads = 1  # Falcon's multi-query attention: one KV head for all query heads
+        return cls(text.num_hidden_layers, heads, kv_heads or heads)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if hasattr(module, name)), None)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Module names of a loaded model's text decoder, relative to the model (``layers``) or to a
+    block (the rest), and the shapes and windows ablations need."""
+
+    model_type: str
+    layers: str  # the block list, e.g. model.layers, model.language_model.layers, transformer.h
+    attention: str  # a block's attention sublayer, e.g. self_attn
+    attention_out: str  # the projection writing its output, e.g. self_attn.o_proj
+    attention_out_params: tuple[str, ...]  # its weight (and bias), e.g. self_attn.o_proj.weight
+    mlp: str  # the module whose output is the MLP's, e.g. mlp (OPT: fc2)
+    mlp_out: tuple[str, ...]  # parameters writing the MLP's output (every expert's), e.g.
+    # mlp.down_proj.weight, mlp.experts.down_proj, mlp.shared_expert.down_proj.weight
+    arch: Architecture
+    head_width: int  # input columns of attention_out per query head (MLA: v_head_dim)
+    conv1d_out: bool  # attention_out is a GPT-2 Conv1D: its weight is (in, out)
+    windows: tuple[int | None, ...]  # each layer's sliding window (None: full attention)
+    attention_types: tuple[str, ...]  # each layer's attention type, as the config names it
+    post_norm_residual: bool  # the residual stream is normalized after each add (post-LN OPT)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Anatomy:
+        from torch import nn
+
+        config = model.config
+        text = config.get_text_config()
+        arch = Architecture.from_config(config)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        path = next((name for name, m in model.named_modules() if m is decoder), "")
+        lists = [
+            name
+            for name, m in decoder.named_modules()
+            if isinstance(m, nn.ModuleList)
+            and len(m) == arch.num_layers
+            and _first_child(m[0], ATTENTION_NAMES)
+        ]
+        if not lists:
+            raise UnsupportedModel(
+                f"{type(model).__name__}: no list of {arch.num_layers} decoder blocks with an "
+                f"attention module ({', '.join(ATTENTION_NAMES)})"
+            )
+        block = decoder.get_submodule(lists[0])
+        first = block[0]
+        attention = _first_child(first, ATTENTION_NAMES)
+        attention_module = first.get_submodule(attention)
+        out = _first_child(attention_module, ATTENTION_OUT_NAMES)
+        mlp = _first_child(first, MLP_NAMES)
+        if out is None or mlp is None:
+            missing = "attention output projection" if out is None else "MLP"
+            raise UnsupportedModel(
+                f"{type(model).__name__}: no {missing} in {type(first).__name__}"
+            )
+        out_module = attention_module.get_submodule(out)
+        conv1d = type(out_module).__name__ == "Conv1D"
+        in_features = out_module.weight.shape[0 if conv1d else 1]
+        mlp_module = first.get_submodule(mlp)
+        mlp_out = tuple(
+            f"{mlp}.{name}"
+            for name, _ in mlp_module.named_parameters()
+            if mlp in MLP_OUT_NAMES or _writes_mlp_output(name)
+        )
+        types = tuple(
+            getattr(text, "layer_types", None)
+            or ["sliding_attention" if getattr(text, "sliding_window", None) else "full_attention"]
+            * arch.num_layers
+        )
+        window = getattr(text, "sliding_window", None)
+        return cls(
+            model_type=text.model_type,
+            layers=f"{path}.{lists[0]}".strip("."),
+            attention=attention,
+            attention_out=f"{attention}.{out}",
+            attention_out_params=tuple(
+                f"{attention}.{out}.{name}" for name, _ in out_module.named_parameters()
+            ),
+            mlp=mlp,
+            mlp_out=mlp_out,
+            arch=arch,
+            head_width=in_features // arch.num_heads,
+            conv1d_out=conv1d,
+            windows=tuple(window if t == "sliding_attention" else None for t in types),
+            attention_types=types,
+            post_norm_residual=getattr(text, "do_layer_norm_before", True) is False,
+        )
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def attention_out_weight(self, layer: int) -> str:
+        """The state-dict key of layer ``layer``'s attention output projection weight."""
+        return f"{self.block_name(layer)}.{self.attention_out}.weight"
+
+    def out_parameters(self, layer: int, sublayer: str) -> list[str]:
+        """State-dict keys of the parameters that write ``sublayer``'s (attn or mlp) output into
+        the residual stream at ``layer``: zeroed together, that sublayer adds exactly 0."""
+        names = self.attention_out_params if sublayer == "attn" else self.mlp_out
+        return [f"{self.block_name(layer)}.{name}" for name in names]
+
+    def sweep_blocker(self, attn_implementation: str | None) -> str | None:
+        """Why the shared-prefix sweep cannot reproduce this model's forward (None: it can)."""
+        if self.model_type not in SWEEP_FAMILIES:
+            return f"model type {self.model_type!r} is not in the sweep's exactness matrix"
+        if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
+            return f"attention type {', '.join(unknown)} has no shared-context mask"
+        if attn_implementation not in (None, "sdpa", "eager"):
+            return f"attn_implementation {attn_implementation} takes no 4D mask"
+        return None
+
+
+def _writes_mlp_output(parameter: str) -> bool:
+    """``down_proj.weight``, ``experts.down_proj`` (fused experts), ``experts.down_proj_bias``,
+    ``shared_expert.down_proj.weight``: a parameter of an output projection."""
+    parts = parameter.split(".")
+    return any(part in MLP_OUT_NAMES for part in parts[:-1]) or any(
+        parts[-1] in (name, f"{name}_bias") for name in MLP_OUT_NAMES
+    )
+
+
+def anatomy_from_config(config) -> Anatomy:
+    """The anatomy of the model ``config`` describes, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return Anatomy.of(model)
