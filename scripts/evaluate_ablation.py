@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from ablate.rule import rule_log
+from ablate.rule import rule_log, sole_writer
 
-with rule_log(snakemake.log[0], offline=True):  # noqa: F821
+# The lock first: a second writer must not even truncate the running job's log.
+with sole_writer(f"{snakemake.log[0]}.lock"), rule_log(snakemake.log[0], offline=True):  # noqa: F821
     import torch
 
     from ablate import backends

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.ablations import Ablation
+from ablate.io import write_atomically
 
 PATHS = ("model_dir", "source_dir", "cache_dir")
 
@@ -29,7 +30,7 @@ class Job:
     data_dir: str
     seed: int = 1234
     source_dir: Path | None = None  # o_proj replacement source checkpoint
-    cache_dir: Path | None = None  # lm-eval request caches, one per (model revision, ablation)
+    cache_dir: Path | None = None  # lm-eval request caches, one per (model settings, ablation)
     prefix_reuse: bool = True  # log-likelihood chunks share the layers below each ablation
     backend: str = "hf"  # a key of ablate.backends.BACKENDS
     backend_options: dict[str, Any] = dataclasses.field(
@@ -53,23 +54,61 @@ class Job:
         """lm-eval ``use_cache`` prefix: a resubmitted job replays what it already computed."""
         if self.cache_dir is None:
             return None
-        return str(self._revision_cache() / ablation.id)
+        return str(self._settings_cache() / ablation.id)
 
     def sweep_progress(
         self, ablations: list[Ablation], batch_size: int, max_length: int
     ) -> Path | None:
         """Where a prefix sweep of ``ablations`` keeps its finished batches until the job is done
         (:class:`ablate.sweep.PrefixSweep`), beside the request caches; named by what decides its
-        batches and answers, so a changed chunk, task, model setting or batching never reads
-        another's."""
+        batches and answers, so a changed chunk, task or batching never reads another's."""
         if self.cache_dir is None:
             return None
         units = [a.id for a in ablations]
-        what = json.dumps([units, batch_size, max_length, self.model, self.task], sort_keys=True)
+        what = json.dumps([units, batch_size, max_length, self.task], sort_keys=True)
         digest = hashlib.blake2b(what.encode(), digest_size=6).hexdigest()
-        return self._revision_cache() / f"sweep_{ablations[0].id}_{digest}.jsonl"
+        return self._settings_cache() / f"sweep_{ablations[0].id}_{digest}.jsonl"
 
-    def _revision_cache(self) -> Path:
+    def computed_with(self) -> dict[str, Any]:
+        """Everything besides the requests that decides an answer: the model's settings (dtype,
+        device, attention kernel, noise...), its files and the source's (a re-download under
+        the same revision string included), the backend and its options, and the batching."""
+        return {
+            "model": self.model,
+            "revision": self.model_revision,
+            "files": files_fingerprint(self.model_dir),
+            "source_files": files_fingerprint(self.source_dir) if self.source_dir else None,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "batch_size": self.task.get("batch_size"),
+            "max_length": self.task.get("max_length"),
+        }
+
+    def _settings_cache(self) -> Path:
+        """The request caches of this job's settings: a folder named by the model revision and
+        a digest of :meth:`computed_with`, which its ``computed_with.json`` records. Another
+        setting never replays these answers; switching back finds them again."""
         assert self.cache_dir is not None
+        settings = self.computed_with()
+        text = json.dumps(settings, sort_keys=True, default=str)
+        digest = hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
         revision = re.sub(r"[^A-Za-z0-9_.=-]", "_", self.model_revision or "unknown")
-        return self.cache_dir / revision
+        folder = self.cache_dir / f"{revision}-{digest}"
+        record = folder / "computed_with.json"
+        if not record.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(record, json.dumps(settings, sort_keys=True, indent=1, default=str))
+        elif json.loads(record.read_text()) != json.loads(text):
+            raise ValueError(
+                f"{folder}: its answers were computed with other settings than this job's "
+                f"(see {record.name}); delete the folder"
+            )
+        return folder
+
+
+def files_fingerprint(checkpoint_dir: Path) -> list[tuple[str, int, int]]:
+    """(name, bytes, modification time) of a checkpoint's config and weight files: changed
+    files under an unchanged revision string change it."""
+    folder = Path(checkpoint_dir)
+    files = [*sorted(folder.glob("*.safetensors")), folder / "config.json"]
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]

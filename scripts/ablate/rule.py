@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
+import socket
+import sys
+import time
 import traceback
 from collections.abc import Iterator
 from typing import TextIO
@@ -49,3 +54,28 @@ def rule_log(log_path: str, offline: bool = False) -> Iterator[None]:
             # Python prints it only after the redirect has ended: on the terminal alone.
             traceback.print_exc(file=log)
             raise
+
+
+@contextlib.contextmanager
+def sole_writer(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (beside the job's log) while the job runs, or
+    exit with one line naming the live writer. A job whose Snakemake was killed (kill -9, a
+    lost login) keeps running; its rerun must not write the same outputs, progress file and log
+    at the same time. The lock dies with its process, so a killed job leaves none behind."""
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = json.loads(handle.read() or "{}")
+            sys.exit(
+                f"{lock_path}: this job is already running (pid {holder.get('pid')} on "
+                f"{holder.get('host')} since {holder.get('since')}); wait for it to finish or "
+                "kill it, then rerun"
+            )
+        handle.truncate(0)
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))  # fmt: skip
+        handle.flush()
+        yield
