@@ -101,8 +101,9 @@ class Anatomy:
     attention_out: str  # the projection writing its output, e.g. self_attn.o_proj
     attention_out_params: tuple[str, ...]  # its weight (and bias), e.g. self_attn.o_proj.weight
     mlp: str  # the module whose output is the MLP's, e.g. mlp (OPT: fc2)
-    mlp_out: tuple[str, ...]  # parameters writing the MLP's output (every expert's), e.g.
-    # mlp.down_proj.weight, mlp.experts.down_proj, mlp.shared_expert.down_proj.weight
+    # Per layer, the parameters writing the MLP's output (every expert's), e.g. mlp.down_proj.weight,
+    # mlp.experts.down_proj, mlp.shared_expert.down_proj.weight (DeepSeek: dense, then MoE layers)
+    mlp_out: tuple[tuple[str, ...], ...]
     arch: Architecture
     head_width: int  # input columns of attention_out per query head (MLA: v_head_dim)
     conv1d_out: bool  # attention_out is a GPT-2 Conv1D: its weight is (in, out)
@@ -145,11 +146,13 @@ class Anatomy:
         out_module = attention_module.get_submodule(out)
         conv1d = type(out_module).__name__ == "Conv1D"
         in_features = out_module.weight.shape[0 if conv1d else 1]
-        mlp_module = first.get_submodule(mlp)
         mlp_out = tuple(
-            f"{mlp}.{name}"
-            for name, _ in mlp_module.named_parameters()
-            if mlp in MLP_OUT_NAMES or _writes_mlp_output(name)
+            tuple(
+                f"{mlp}.{name}"
+                for name, _ in layer.get_submodule(mlp).named_parameters()
+                if mlp in MLP_OUT_NAMES or _writes_mlp_output(name)
+            )
+            for layer in block
         )
         types = tuple(
             getattr(text, "layer_types", None)
@@ -188,7 +191,7 @@ class Anatomy:
     def out_parameters(self, layer: int, sublayer: str) -> list[str]:
         """State-dict keys of the parameters that write ``sublayer``'s (attn or mlp) output into
         the residual stream at ``layer``: zeroed together, that sublayer adds exactly 0."""
-        names = self.attention_out_params if sublayer == "attn" else self.mlp_out
+        names = self.attention_out_params if sublayer == "attn" else self.mlp_out[layer]
         return [f"{self.block_name(layer)}.{name}" for name in names]
 
     def sweep_blocker(self, attn_implementation: str | None) -> str | None:

