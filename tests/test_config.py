@@ -128,6 +128,15 @@ CASES = {
         lambda c: c["tasks"]["kv_retrieval"].update(backend="vllm"),
         r"tasks.kv_retrieval.backend: vllm does not run loglikelihood tasks, and task kv_retrieval is one \(allowed: hf\)",
     ),
+    "figure named as a rule": (
+        lambda c: c["figures"].update(all=c["figures"]["fig5"]),
+        r"figures.all: a figure id names its target, and 'all' is a rule of the workflow "
+        r"\(reserved: all, download_model, .*, evaluate_\*\)",
+    ),
+    "figure named as an evaluation rule": (
+        lambda c: c["figures"].update(evaluate_x=c["figures"]["fig5"]),
+        r"figures.evaluate_x: .* is a rule of the workflow",
+    ),
     "two backends for one task": (
         lambda c: c["figures"]["fig13"].update(backend="vllm"),
         r"figures.fig13.backend: vllm for model smollm2 on task gsm8k_1shot, but "

@@ -304,9 +304,21 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
         raise ConfigError(f"{key}.source: only oproj and oproj_cumulative take a source model")
 
 
+# The workflow's own rule names: a figure of one of these names (each figure is a rule too)
+# would clash with it. Evaluation rules are named evaluate_<model>_<task>_<first unit>.
+RULE_NAMES = ("all", "download_model", "prefetch_task", "aggregate_figure", "check_claims",
+              "plot_figure")  # fmt: skip
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Raise ConfigError on the first cross-key problem, naming its key path."""
     models, tasks = config["models"], config["tasks"]
+    for figure_id in config["figures"]:
+        if figure_id in RULE_NAMES or figure_id.startswith("evaluate_"):
+            raise ConfigError(
+                f"figures.{figure_id}: a figure id names its target, and {figure_id!r} is a rule "
+                f"of the workflow (reserved: {', '.join(RULE_NAMES)}, evaluate_*)"
+            )
     for model_id, model in models.items():
         if model["source"] == "hub" and not model.get("repo_id"):
             raise ConfigError(f"models.{model_id}.repo_id: required when source is hub")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -66,6 +67,25 @@ def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path)
         )
 
 
+def hub_error(model_id: str, spec: dict[str, Any], error: Exception) -> str:
+    """One line for a model the hub did not give: a wrong id or revision, or no connection."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    reason = " ".join(str(error).split())[:200]
+    if isinstance(error, RevisionNotFoundError):
+        return f"models.{model_id}.revision: {spec.get('revision')!r} is not a revision of {spec['repo_id']} ({reason})"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"models.{model_id}.repo_id: {spec['repo_id']!r} is not a model on the hub, or is private ({reason})"
+    offline = (
+        "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub is unreachable"
+    )
+    return (
+        f"models.{model_id}.repo_id: cannot fetch {spec['repo_id']!r}: {offline} "
+        f"({type(error).__name__}: {reason}); download on a host with internet (README, "
+        "'Air-gapped clusters') or check the id"
+    )
+
+
 def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
     """Materialise a checkpoint in ``out_dir``; ``download.json`` (written last) records its commit."""
     if spec["source"] == "embedded":
@@ -77,10 +97,13 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
         from huggingface_hub import HfApi, snapshot_download
 
         check_token(model_id, spec)
-        commit = HfApi().model_info(spec["repo_id"], revision=spec.get("revision", "main")).sha
-        snapshot_download(
-            spec["repo_id"], revision=commit, local_dir=out_dir, allow_patterns=CHECKPOINT_FILES
-        )
+        try:
+            commit = HfApi().model_info(spec["repo_id"], revision=spec.get("revision", "main")).sha
+            snapshot_download(
+                spec["repo_id"], revision=commit, local_dir=out_dir, allow_patterns=CHECKPOINT_FILES
+            )
+        except Exception as error:  # the hub's, httpx's and requests' errors alike
+            raise ConfigError(hub_error(model_id, spec, error)) from None
         record = {"repo_id": spec["repo_id"], "revision": spec.get("revision"), "commit": commit}
     if sweep_off := check_architecture(model_id, spec, out_dir):
         record["sweep_off"] = sweep_off

@@ -3,7 +3,9 @@ and the per-sample metrics lm-eval lacks (acc_ce)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from ablate.job import Job
 from ablate.metrics import acc_ce, mean_and_stderr
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+log = logging.getLogger(__name__)
 
 
 def task_manager(task: dict[str, Any], data_dir: str):
@@ -53,6 +56,25 @@ def amortize_lm_eval_overheads() -> None:
     lm_eval.evaluator.add_env_info = add_env_info
 
 
+def set_aside_corrupt_caches(prefix: str) -> None:
+    """A request cache (``<prefix>_rank<N>.db``) that SQLite cannot read is renamed to
+    ``.corrupt`` with one warning, and its answers are computed again: a cache is a cache."""
+    import sqlite3
+
+    for database in Path(prefix).parent.glob(f"{Path(prefix).name}_rank*.db"):
+        try:
+            with contextlib.closing(sqlite3.connect(database)) as connection:
+                healthy = connection.execute("PRAGMA quick_check").fetchone() == ("ok",)
+        except sqlite3.DatabaseError:
+            healthy = False
+        if not healthy:
+            database.rename(database.with_suffix(".corrupt"))
+            log.warning(
+                "%s: request cache unreadable (truncated or corrupt), moved to %s; its answers "
+                "are computed again", database, database.with_suffix(".corrupt").name,
+            )  # fmt: skip
+
+
 def load_task(manager, name: str) -> list:
     """The task (or group of tasks) object, built once per job and re-evaluated per ablation."""
     loaded = manager.load([name])
@@ -66,6 +88,7 @@ def run_lm_eval(lm, job: Job, manager, tasks: list, ablation: Ablation) -> dict[
     cache = job.request_cache(ablation)
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        set_aside_corrupt_caches(cache)
     return lm_eval.simple_evaluate(
         model=lm,
         use_cache=cache,

@@ -473,6 +473,13 @@ class ProgressFile:
         return records
 
     def append(self, record: dict) -> None:
+        if self._handle is not None and os.fstat(self._handle.fileno()).st_nlink == 0:
+            log.warning(
+                "%s was deleted while the sweep ran: the batches it held are lost to a resumed "
+                "run; a new file keeps the batches from now on", self.path,
+            )  # fmt: skip
+            self._handle.close()
+            self._handle = None
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = self.path.open("ab")

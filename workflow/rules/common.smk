@@ -150,10 +150,13 @@ def chunk_env(chunk):
 
 
 def get_figure_results(wildcards):
-    return [
-        evaluation_file(*evaluation)
-        for evaluation in figure_evaluations(config, wildcards.figure)
-    ]
+    """Every file aggregation reads: a unit deleted or rewritten after the figure was built
+    rebuilds it (the missing unit evaluated again)."""
+    files = []
+    for model, task, ablation in figure_evaluations(config, wildcards.figure):
+        names = ["results.json", "samples.jsonl"] + ["proxies.csv"] * (ablation == "base")
+        files += [evaluation_file(model, task, ablation, name) for name in names]
+    return files
 
 
 def figure_models(figure_id):
