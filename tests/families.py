@@ -87,17 +87,18 @@ def gemma3_multimodal_config():
     )  # fmt: skip
 
 
-def family_config(family: str):
+def family_config(family: str, **overrides):
     config_class, settings = FAMILIES[family]
     if config_class is None:
         return gemma3_multimodal_config()
-    return config_class(**(COMMON | settings))
+    return config_class(**(COMMON | settings | overrides))
 
 
-def build(family: str, seed: int = 0):
-    """A float32 model of ``family`` in eval mode, its weights from ``seed``."""
+def build(family: str, seed: int = 0, **overrides):
+    """A float32 model of ``family`` in eval mode, its weights from ``seed`` (``overrides``:
+    config settings, such as a tokenizer's vocabulary size)."""
     torch.manual_seed(seed)
-    config = family_config(family)
+    config = family_config(family, **overrides)
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random biases and norm weights, so that each one matters
         for name, parameter in model.named_parameters():

@@ -307,3 +307,24 @@ def test_report_collects_the_figures(tiny_run, tmp_path):
     html = report.read_text(errors="ignore")
     for category in ("Figures", "Figure data", "Paper claims", "Provenance"):
         assert category in html, category
+
+
+def test_report_captions_show_the_config_and_escape_it(tiny_copy, tmp_path):
+    """The caption is the figure's title and caption from the config; a ``</script>`` in a title
+    or label ends no script of the page (Snakemake shows params inside one)."""
+    path = tiny_copy / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    figure = config["figures"]["tiny_layers"]
+    figure["title"] = "Layers </script><i>after"
+    figure["caption"] = "A caption of the config."
+    figure["series"][0]["label"] = "label </script> too"
+    path.write_text(yaml.safe_dump(config))
+    assert snakemake(tiny_copy, "tiny_layers", env=TOKEN).returncode == 0
+    report = tmp_path / "report.html"
+    result = snakemake(tiny_copy, "tiny_layers", "--report", str(report), env=TOKEN)
+    assert result.returncode == 0, result.stdout[-2000:]
+    html = report.read_text(errors="ignore")
+    assert "tiny_layers: Layers &lt;/script&gt;&lt;i&gt;after. Score per ablated unit" in html
+    assert "A caption of the config." in html
+    assert "built-in method" not in html
+    assert "</script><i>" not in html and "label </script>" not in html

