@@ -227,8 +227,15 @@ def weight_edits(ablation: Ablation, anatomy: Anatomy) -> list[WeightEdit]:
     check_in_range(ablation, anatomy.arch)
     if ablation.kind in ("layer", *SUBLAYERS):
         sublayers = SUBLAYERS if ablation.kind == "layer" else (ablation.kind,)
-        keys = [key for part in sublayers for key in anatomy.out_parameters(ablation.layer, part)]
-        return [WeightEdit(key) for key in keys]
+        edits = []
+        for part in sublayers:
+            if not (keys := anatomy.out_parameters(ablation.layer, part)):
+                raise ValueError(
+                    f"{ablation.id}: no {part} output projection of {anatomy.model_type} is known "
+                    "to ablate.anatomy (use backend: hf, whose hooks need none)"
+                )
+            edits += [WeightEdit(key) for key in keys]
+        return edits
     if ablation.kind in HEAD_KINDS:
         heads, width = silenced_heads(ablation, anatomy.arch), anatomy.head_width
         return [

@@ -26,7 +26,7 @@ ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 ATTENTION_OUT_NAMES = ("o_proj", "dense", "out_proj", "c_proj")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "fc2")  # OPT's MLP ends in the block's fc2
 # Parameters that write the MLP's (or every expert's, and a shared expert's) output.
-MLP_OUT_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "w2")
+MLP_OUT_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "fc_out", "w2")
 # Model types whose log-likelihoods the shared-prefix sweep reproduces exactly (each is in the
 # exactness matrix, tests/test_families.py); others are scored by lm-eval's HFLM, also exact.
 SWEEP_FAMILIES = frozenset(
@@ -46,6 +46,7 @@ SWEEP_FAMILIES = frozenset(
         "gpt_neox",
         "gpt2",
         "opt",
+        "falcon",
         "cohere",
         "granite",
         "deepseek_v3",
@@ -54,6 +55,7 @@ SWEEP_FAMILIES = frozenset(
         "phi",
     ]
 )
+TUPLE_BLOCK_FAMILIES = frozenset({"falcon"})  # blocks that return (hidden states, attention)
 ATTENTION_TYPES = ("full_attention", "sliding_attention")  # what the sweep's masks express
 
 
@@ -124,6 +126,7 @@ class Anatomy:
     windows: tuple[int | None, ...]  # each layer's sliding window (None: full attention)
     attention_types: tuple[str, ...]  # each layer's attention type, as the config names it
     post_norm_residual: bool  # the residual stream is normalized after each add (post-LN OPT)
+    tuple_blocks: bool  # a block returns (hidden states, ...), not the hidden states alone
 
     @classmethod
     def of(cls, model: nn.Module) -> Anatomy:
@@ -190,6 +193,7 @@ class Anatomy:
             windows=tuple(window if t == "sliding_attention" else None for t in types),
             attention_types=types,
             post_norm_residual=getattr(text, "do_layer_norm_before", True) is False,
+            tuple_blocks=text.model_type in TUPLE_BLOCK_FAMILIES,
         )
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:

@@ -84,7 +84,7 @@ def layer_inputs(
             calls.append(bound)
             if len(calls) == len(blocks):
                 raise _Captured
-            return states
+            return (states,) if anatomy.tuple_blocks else states
 
         return record
 
@@ -101,14 +101,15 @@ def layer_inputs(
 
 
 class _Inject(torch.nn.Module):
-    """Stands in for the whole block list: returns the given top-layer hidden states."""
+    """Stands in for the whole block list: returns the given top-layer hidden states, as the
+    model's blocks return theirs."""
 
-    def __init__(self, hidden: torch.Tensor) -> None:
+    def __init__(self, output: torch.Tensor | tuple[torch.Tensor]) -> None:
         super().__init__()
-        self.hidden = hidden
+        self.output = output
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.hidden
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        return self.output
 
 
 def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,8 @@ def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
     parent, _, name = anatomy.layers.rpartition(".")
     owner = model.get_submodule(parent)
     blocks = getattr(owner, name)
-    setattr(owner, name, torch.nn.ModuleList([_Inject(hidden[None])]))
+    output = (hidden[None],) if anatomy.tuple_blocks else hidden[None]
+    setattr(owner, name, torch.nn.ModuleList([_Inject(output)]))
     try:
         placeholder = torch.zeros(1, len(hidden), dtype=torch.long, device=hidden.device)
         return model(input_ids=placeholder, use_cache=False).logits[0]
