@@ -225,7 +225,7 @@ def supported_table() -> str:
             stored = checkpoint_keys(folder)
         edits = refusals(check_weight_edits_exact, anatomy, dict(model.named_parameters()))
         engine = refusals(check_engine_edits, anatomy, stored)
-        blocker = anatomy.sweep_blocker(model.config._attn_implementation)
+        blocker = anatomy.sweep_blocker
         sweep = "exact" if blocker is None else f"off ({blocker}): HFLM scores, exact"
         rows.append(f"| {family} | exact | {edits} | {engine} | {sweep} |")
     return "\n".join(rows)

@@ -142,7 +142,7 @@ def test_sweep_equals_each_ablation_scored_alone(family):
     units = [Ablation.parse("base"), *(Ablation.parse(u) for u in UNITS)]
     if anatomy.arch.num_kv_heads == anatomy.arch.num_heads:
         units = [u for u in units if u.kind != "kv_group"]
-    if (blocker := anatomy.sweep_blocker(model.config._attn_implementation)) is not None:
+    if (blocker := anatomy.sweep_blocker) is not None:
         pytest.skip(f"{name}: the sweep is off ({blocker}); lm-eval's HFLM scores it")
     source_weights = {
         layer: anatomy.blocks(source)[layer].get_submodule(anatomy.attention_out).weight

@@ -146,3 +146,27 @@ def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
     predicted = sum(row["_jobs"].values())
     print(f"predicted {predicted:.0f} s, measured {sum(measured.values()):.0f} s: {measured}")
     assert 1 / 1.5 <= predicted / sum(measured.values()) <= 1.5
+
+
+def test_plan_follows_the_sweep_path_each_model_takes(tmp_path):
+    """Flash attention shares no context among options, and a model whose sweep the download
+    step turned off runs one evaluation per unit: both cost more, and the plan says so."""
+    from ablate.ablations import Ablation
+    from ablate.cost import TaskCost
+
+    model, task = PAPER["models"]["llama31_8b"], PAPER["tasks"]["hellaswag"]
+    cost = TaskCost(shared=100.0, sequences=400.0, prompt=0.0, generated=0.0, tokens="counted")
+    units = tuple(Ablation.parse(f"layer{i}") for i in range(8))
+    sdpa = chunk_seconds(model, task, units, prior_rates(), cost=cost)
+    flash = chunk_seconds(model | {"attn_implementation": "flash_attention_2"}, task, units,
+                          prior_rates(), cost=cost)  # fmt: skip
+    assert flash > sdpa
+
+    def hours() -> float:
+        return total_row(plan(["fig3"], PAPER, tmp_path))["gpu_hours"]
+
+    swept = hours()
+    record = tmp_path / "resources/models/llama31_8b/download.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"commit": "x", "sweep_off": "model type 'x' is not ..."}))
+    assert hours() > 1.5 * swept

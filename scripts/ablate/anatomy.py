@@ -212,14 +212,15 @@ class Anatomy:
         names = self.attention_out_params if sublayer == "attn" else self.mlp_out[layer]
         return [f"{self.block_name(layer)}.{name}" for name in names]
 
-    def sweep_blocker(self, attn_implementation: str | None) -> str | None:
-        """Why the shared-prefix sweep cannot reproduce this model's forward (None: it can)."""
+    @property
+    def sweep_blocker(self) -> str | None:
+        """Why the shared-prefix sweep cannot reproduce this model's forward (None: it can).
+        (An attention kernel without 4D masks, flash attention, only stops it from sharing a
+        context among options: :func:`ablate.sweep.shares_contexts`.)"""
         if self.model_type not in SWEEP_FAMILIES:
             return f"model type {self.model_type!r} is not in the sweep's exactness matrix"
         if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
             return f"attention type {', '.join(unknown)} has no shared-context mask"
-        if attn_implementation not in (None, "sdpa", "eager"):
-            return f"attn_implementation {attn_implementation} takes no 4D mask"
         return None
 
 

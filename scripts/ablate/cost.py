@@ -106,11 +106,13 @@ def job_tokens(
     backend: str,
 ) -> tuple[float, float]:
     """(prefill, decode) tokens of one job through the whole model."""
-    # The sweep (ablate.sweep), which shares contexts too, runs every HF log-likelihood chunk.
+    # The sweep (ablate.sweep) runs every HF log-likelihood chunk; it shares each context among
+    # its options where the attention kernel takes 4D masks (not flash attention).
     sweep = prefix_reuse and backend == "hf"
+    shares = sweep and model.get("attn_implementation") in (None, "sdpa", "eager")
     passes = forward_passes(model, task, ablations, sweep)
     if task["protocol"] == "loglikelihood":
-        return passes * (cost.shared if sweep else cost.sequences), 0.0
+        return passes * (cost.shared if shares else cost.sequences), 0.0
     return passes * cost.prompt, len(ablations) * cost.generated
 
 

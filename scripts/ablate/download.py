@@ -53,7 +53,7 @@ def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) ->
             raise ConfigError(
                 f"models.{model_id}.{key}: config says {spec[key]}, checkpoint has {value}"
             )
-    return anatomy.sweep_blocker(spec.get("attn_implementation"))
+    return anatomy.sweep_blocker
 
 
 def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write to ``<name>.partial`` then rename: readers see the old file or the whole new one."""
+    """Write to ``<name>.<pid>.partial`` then rename: readers see the old file or the whole new
+    one, and two processes writing the same file at once (jobs of one model recording its cache
+    settings) do not rename each other's partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with partial.open("w") as handle:
         handle.write(text)
         handle.flush()

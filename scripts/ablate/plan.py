@@ -98,6 +98,12 @@ class TaskCosts:
         folder = self.workdir / "resources" / "models" / model_id
         return folder if (folder / "download.json").exists() else None
 
+    def sweep_off(self, model_id: str) -> bool:
+        """Whether the download step found that the sweep cannot reproduce the model (its
+        log-likelihood units then run one lm-eval evaluation each)."""
+        folder = self.model_dir(model_id)
+        return bool(folder and json.loads((folder / "download.json").read_text()).get("sweep_off"))
+
     def counts(self, model_id: str, task_id: str) -> TaskTokens | None:
         settings = task_settings(self.config, task_id)
         cached = self.workdir / TOKEN_COUNTS.format(model=model_id, task=task_id)
@@ -177,11 +183,13 @@ def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict
         device = device_kind(model)
         phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
         cost = costs(model_id, task_id)
-        seconds = jobs_seconds(model, task, chunks, rates, reuse, backend, cost)
+        model_reuse = reuse and not costs.sweep_off(model_id)
+        seconds = jobs_seconds(model, task, chunks, rates, model_reuse, backend, cost)
         per_unit = jobs_seconds(model, task, chunks, rates, False, backend, cost, True)
         hours = sum(seconds.values()) / 3600
         others = {
-            other: sum(jobs_seconds(model, task, chunks, rates, reuse, other, cost).values()) / 3600
+            other: sum(jobs_seconds(model, task, chunks, rates, model_reuse, other, cost).values())
+            / 3600
             for other in serving(task["protocol"])
             if other != backend
         }

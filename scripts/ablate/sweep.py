@@ -129,9 +129,13 @@ def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
         setattr(owner, name, blocks)
 
 
-def sweep_blocker(model, anatomy: Anatomy) -> str | None:
-    """Why the sweep cannot reproduce ``model``'s forward (None: it can)."""
-    return anatomy.sweep_blocker(model.config._attn_implementation)
+def sweepable(model) -> Anatomy:
+    """The model's anatomy, or ValueError where the sweep cannot reproduce its forward (the
+    workflow then scores with lm-eval's HFLM: ablate.backends.hf)."""
+    anatomy = Anatomy.of(model)
+    if blocker := anatomy.sweep_blocker:
+        raise ValueError(f"the shared-prefix sweep cannot score this model: {blocker}")
+    return anatomy
 
 
 def shares_contexts(model) -> bool:
@@ -176,7 +180,7 @@ def sweep_loglikelihoods(
 ) -> dict[str, list[Answer]]:
     """Answers per ablation id for every request, in request order."""
     answers: dict[str, list[Answer | None]] = {a.id: [None] * len(requests) for a in ablations}
-    anatomy = Anatomy.of(model)
+    anatomy = sweepable(model)
     for batch in plan_batches(requests, batch_size, max_length, shares_contexts(model)):
         scored = score_batch(model, anatomy, batch, ablations, source_o_proj, softmax_dtype)
         for ablation_id, batch_answers in scored.items():
@@ -368,8 +372,6 @@ def layer_calls(model, anatomy: Anatomy, batch: Batch):
     hidden, calls = layer_inputs(model, anatomy, right_padded(batch.contexts).to(device))
     if not any(tokens for _, tokens in batch.options):
         return [hidden], [calls], []
-    if blocker := sweep_blocker(model, anatomy):
-        raise ValueError(f"options cannot share their contexts: {blocker}")
     cache = next((name for name in CACHE_ARGUMENTS if name in calls[0]), None)
     if cache is None:
         raise ValueError(f"{type(anatomy.blocks(model)[0]).__name__} takes no KV cache argument")
@@ -528,7 +530,7 @@ class PrefixSweep:
     _file: ProgressFile | None = None
 
     def __post_init__(self) -> None:
-        self.anatomy = Anatomy.of(self.model)
+        self.anatomy = sweepable(self.model)
         if self.progress_path is None:
             return
         self._file = ProgressFile(self.progress_path)

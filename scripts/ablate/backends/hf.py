@@ -21,7 +21,7 @@ from ablate.ablations import Ablation, ablated, load_o_proj_weights
 from ablate.anatomy import Anatomy
 from ablate.job import Job
 from ablate.models import load_model
-from ablate.sweep import PrefixSweep, sweep_blocker
+from ablate.sweep import PrefixSweep
 from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
             for index, weight in load_o_proj_weights(job.source_dir, anatomy, replaced).items()
         }
     progress = Progress([a.id for a, _ in ablations])
-    blocker = sweep_blocker(model, anatomy)
+    blocker = anatomy.sweep_blocker
     if job.prefix_reuse and blocker is not None:  # the config check said so before the job
         log.info(
             "prefix_reuse off for %s: %s; lm-eval's HFLM scores every unit", job.model_dir, blocker
