@@ -120,11 +120,13 @@ def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
     parent, _, name = anatomy.layers.rpartition(".")
     owner = model.get_submodule(parent)
     blocks = getattr(owner, name)
-    output = (hidden[None],) if anatomy.tuple_blocks else hidden[None]
+    # One position per row: the norm and the head act on each token alone, and the model builds
+    # no tokens x tokens mask for the placeholder.
+    output = (hidden[:, None],) if anatomy.tuple_blocks else hidden[:, None]
     setattr(owner, name, torch.nn.ModuleList([_Inject(output)]))
     try:
-        placeholder = torch.zeros(1, len(hidden), dtype=torch.long, device=hidden.device)
-        return model(input_ids=placeholder, use_cache=False).logits[0]
+        placeholder = torch.zeros(len(hidden), 1, dtype=torch.long, device=hidden.device)
+        return model(input_ids=placeholder, use_cache=False).logits[:, 0]
     finally:
         setattr(owner, name, blocks)
 

@@ -155,7 +155,9 @@ def get_figure_results(wildcards):
     rebuilds it (the missing unit evaluated again)."""
     files = []
     for model, task, ablation in figure_evaluations(config, wildcards.figure):
-        names = ["results.json", "samples.jsonl"] + ["proxies.csv"] * (ablation == "base")
+        names = ["results.json", "samples.jsonl"]
+        if ablation == "base":
+            names.append("proxies.csv")
         files += [evaluation_file(model, task, ablation, name) for name in names]
     return files
 
