@@ -299,6 +299,16 @@ def test_only_the_job_of_missing_units_is_recomputed(tiny_copy):
     assert set(jobs) == {("evaluate_smollm2_kv_layer0", "1")}, result.stdout[-2000:]
 
 
+def test_a_unit_deleted_after_the_figure_rebuilds_it(tiny_copy):
+    """What aggregation reads is declared: a unit's samples deleted after the figure was built
+    reruns that unit's job and the figure, without --forcerun."""
+    (tiny_copy / "results/evaluate/smollm2/kv/layer15/samples.jsonl").unlink()
+    result = snakemake(tiny_copy, "tiny_layers", "-n", env=TOKEN)
+    jobs = dict(re.findall(r"^(\w+) +(\d+)$", result.stdout, flags=re.MULTILINE))
+    assert jobs.get("evaluate_smollm2_kv_layer0") == "1", result.stdout[-2000:]
+    assert jobs.get("aggregate_figure") == "1"
+
+
 def test_report_collects_the_figures(tiny_run, tmp_path):
     report = tmp_path / "report.html"
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report), env=TOKEN)

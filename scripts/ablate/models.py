@@ -19,11 +19,9 @@ def load_model(model_dir: Path, spec: dict[str, Any]):
         kwargs["attn_implementation"] = spec["attn_implementation"]  # e.g. flash_attention_2
     check_weight_files(Path(model_dir))
     device = spec.get("device", "cpu")
-    if device == "auto":
-        kwargs["device_map"] = "auto"  # shard over every visible GPU
+    if device != "cpu":  # straight onto the GPU (auto: sharded over every visible one), not
+        kwargs["device_map"] = device  # through host memory first
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-    if device not in ("cpu", "auto"):
-        model.to(device)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 

@@ -150,16 +150,20 @@ def chunk_env(chunk):
     return f"../../envs/{BACKENDS[chunk.backend].conda_env}"
 
 
-def get_figure_results(wildcards):
-    """Every file aggregation reads: a unit deleted or rewritten after the figure was built
-    rebuilds it (the missing unit evaluated again)."""
+def figure_unit_files(figure_id):
+    """Every unit file a figure's aggregation reads."""
     files = []
-    for model, task, ablation in figure_evaluations(config, wildcards.figure):
+    for model, task, ablation in figure_evaluations(config, figure_id):
         names = ["results.json", "samples.jsonl"]
         if ablation == "base":
             names.append("proxies.csv")
         files += [evaluation_file(model, task, ablation, name) for name in names]
     return files
+
+
+def get_figure_results(wildcards):
+    """Declared, so a unit rewritten after the figure was built rebuilds it."""
+    return figure_unit_files(wildcards.figure)
 
 
 def figure_models(figure_id):
@@ -219,6 +223,9 @@ def get_claim_num_layers(wildcards):
 
 
 def get_figure_files(figure_id):
+    """A figure target's files, and the unit files its aggregation reads: Snakemake does not
+    look below an up-to-date CSV, so a unit deleted after the figure was built is evaluated again
+    only if the target asks for it (and the CSV, older than it then, is rebuilt)."""
     outputs = [
         rules.plot_figure.output.png,
         rules.plot_figure.output.pdf,
@@ -226,7 +233,8 @@ def get_figure_files(figure_id):
         rules.aggregate_figure.output.provenance,
         rules.check_claims.output.csv,
     ]
-    return [pattern.format(figure=figure_id) for pattern in outputs]
+    files = [pattern.format(figure=figure_id) for pattern in outputs]
+    return files + figure_unit_files(figure_id)
 
 
 def get_all_figures():
