@@ -6,7 +6,12 @@ ablation's first layer branches off: that ablation is applied (the same hooks an
 :func:`ablate.ablations.ablated`) and only layers l.. are run (l+1.. for a skipped layer l, whose
 output is its input). A layer sweep then costs about half the layer-forwards of one evaluation
 per layer, and a head sweep at the last layer about one layer per head. Only continuation
-positions go through the final norm and the LM head.
+positions go through the model's own head path (final norm, LM head, logit scaling).
+
+Every block is called with the arguments the model's own forward gives it (:func:`layer_inputs`:
+masks and rotary embeddings per layer type), and options are masked within each layer's sliding
+window, so the sweep is the model's forward for every family of ``ablate.anatomy.SWEEP_FAMILIES``
+(the exactness matrix, tests/test_families.py).
 
 Scores follow lm-eval's ``HFLM._loglikelihood_tokens`` for causal models: the same left
 truncation to ``max_length`` and (log-probability sum, is-greedy) per request. lm-eval scores a
