@@ -4,19 +4,18 @@ and attention + MLP of one layer is that layer's skip."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
+import families
 from ablate.ablations import Ablation, ablated, weight_edited
 from ablate.anatomy import Anatomy
 from ablate.proxy import layer_proxies, prompt_batches
 from test_ablations import greedy, logits, state_snapshot
 
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many"
-MODULE = {"attn": "self_attn", "mlp": "mlp"}
 
 
 @pytest.fixture()
@@ -24,22 +23,8 @@ def batch(tokenizer):
     return tokenizer([PROMPT], return_tensors="pt")
 
 
-class Removed(torch.nn.Module):
-    """Stands where a sublayer was: it adds nothing to the residual stream."""
-
-    def __init__(self, attention: bool):
-        super().__init__()
-        self.attention = attention
-
-    def forward(self, hidden_states, *args, **kwargs):
-        zero = torch.zeros_like(hidden_states)
-        return (zero, None) if self.attention else zero
-
-
 def without_sublayer(model, kind: str, layer: int):
-    removed = copy.deepcopy(model)
-    setattr(Anatomy.of(removed).blocks(removed)[layer], MODULE[kind], Removed(kind == "attn"))
-    return removed
+    return families.without_sublayer(model, Anatomy.of(model), kind, layer)
 
 
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
