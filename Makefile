@@ -8,7 +8,7 @@ DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig3 kv_copy
 CORES ?= 2
 
-.PHONY: setup setup-vllm demo demo-check demo-all report bench offline-data test test-paper lint format clean
+.PHONY: setup setup-vllm demo demo-check demo-all report bench gpu-check offline-data test test-paper lint format clean
 
 $(BIN)/snakemake: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ bench: setup setup-vllm
 demo-all: setup
 	$(BIN)/snakemake all --configfile $(DEMO_CONFIG) --cores $(CORES)
 	$(MAKE) report TARGETS=all
+
+## gpu-check: the sweep against plain forwards on Llama-3.1-8B and Qwen3-8B shapes, random bf16
+## weights, one GPU (torch and transformers only: runs on a bare GPU host, <8 min on an H100);
+## writes benchmarks/gpu_check.json, which the planner reads as its GPU calibration
+gpu-check:
+	mkdir -p benchmarks
+	PYTHONPATH=scripts $(PYTHON) -m ablate.gpu_check --out benchmarks/gpu_check.json
 
 ## offline-data: the datasets cache of the hub datasets lm-eval's registered tasks load, built from
 ## ../shared/data; without internet: export HF_DATASETS_CACHE=$PWD/resources/hf/datasets HF_HUB_OFFLINE=1

@@ -8,8 +8,11 @@ import json
 import pytest
 import yaml
 
-from ablate.cost import calibrated_rates, chunk_seconds, prior_rates
-from ablate.plan import load_config, plan, planned_chunks, total_row
+from ablate.ablations import Ablation
+from ablate.config import task_settings
+from ablate.cost import TaskCost, calibrated_rates, chunk_seconds, job_tokens, prior_rates
+from ablate.plan import load_config, plan, planned_chunks, total_line, total_row
+from ablate.tokens import TaskTokens, offline_twin, vocabulary
 from conftest import DATA_DIR, REPO, SMOLLM2, snakemake
 
 PAPER = load_config(REPO / "config.yaml")
@@ -17,7 +20,7 @@ DEMO = load_config(REPO / "workflow/config/demo.yaml")
 
 
 def test_paper_plan_counts_every_evaluation(tmp_path):
-    rows = plan(["fig11", "fig13"], PAPER, tmp_path)
+    rows = plan(["fig11", "fig13"], PAPER, tmp_path, stand_in=False)
     # 36 layers; the 32 single heads of layer 35 and its 8 KV groups (the paper's head pruning),
     # in jobs of 8 units, plus the baseline's job
     jobs = {row["figure"]: (row["jobs"], row["units"]) for row in rows}
@@ -90,13 +93,13 @@ def test_plan_costs_both_backends(tmp_path):
     on hf, and the hf cost is what the same figure plans on hf (one key away)."""
     config = copy.deepcopy(PAPER)
     config["tasks"]["gsm8k_1shot"]["backend"] = "hf"
-    [on_hf] = plan(["fig11"], config, tmp_path)
-    [on_vllm] = plan(["fig11"], PAPER, tmp_path)
+    [on_hf] = plan(["fig11"], config, tmp_path, stand_in=False)
+    [on_vllm] = plan(["fig11"], PAPER, tmp_path, stand_in=False)
     assert (on_hf["backend"], on_vllm["backend"]) == ("hf", "vllm")
     assert on_vllm["gpu_hours_other_backend"] == pytest.approx(on_hf["gpu_hours"], abs=0.01)
     assert on_hf["gpu_hours_other_backend"] == pytest.approx(on_vllm["gpu_hours"], abs=0.01)
     assert on_vllm["gpu_hours"] < on_hf["gpu_hours"]
-    [loglikelihood] = plan(["fig5"], PAPER, tmp_path)
+    [loglikelihood] = plan(["fig5"], PAPER, tmp_path, stand_in=False)
     assert loglikelihood["gpu_hours_other_backend"] is None
 
 
@@ -151,9 +154,6 @@ def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
 def test_plan_follows_the_sweep_path_each_model_takes(tmp_path):
     """Flash attention shares no context among options, and a model whose sweep the download
     step turned off runs one evaluation per unit: both cost more, and the plan says so."""
-    from ablate.ablations import Ablation
-    from ablate.cost import TaskCost
-
     model, task = PAPER["models"]["llama31_8b"], PAPER["tasks"]["hellaswag"]
     cost = TaskCost(shared=100.0, sequences=400.0, prompt=0.0, generated=0.0, tokens="counted")
     units = tuple(Ablation.parse(f"layer{i}") for i in range(8))
@@ -163,10 +163,72 @@ def test_plan_follows_the_sweep_path_each_model_takes(tmp_path):
     assert flash > sdpa
 
     def hours() -> float:
-        return total_row(plan(["fig3"], PAPER, tmp_path))["gpu_hours"]
+        return total_row(plan(["fig3"], PAPER, tmp_path, stand_in=False))["gpu_hours"]
 
     swept = hours()
     record = tmp_path / "resources/models/llama31_8b/download.json"
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"commit": "x", "sweep_off": "model type 'x' is not ..."}))
     assert hours() > 1.5 * swept
+
+
+def test_every_paper_task_and_model_has_a_stand_in():
+    """A dry run plans the paper config from counted tokens: each task has an offline twin of
+    its documents, each model a measured vocabulary factor."""
+    for task_id in PAPER["tasks"]:
+        twin = offline_twin(task_settings(PAPER, task_id))
+        assert twin is not None and twin.get("local", True), task_id
+    for model_id, model in PAPER["models"].items():
+        assert vocabulary(model) is not None, model_id
+
+
+def paper_in(workdir):
+    config = copy.deepcopy(PAPER) | {"data_dir": str(DATA_DIR)}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return load_config(workdir / "config.yaml")
+
+
+def test_stand_in_tokens_replace_the_prior(tmp_path):
+    """OpenBookQA on Llama-3.1 (no model, no hub data here): the offline twin counted with
+    SmolLM2's tokenizer, scaled by Llama-3's measured factor; flash attention (no context
+    sharing) and a gpu-check calibration each change the plan."""
+    config = paper_in(tmp_path)
+    [row] = [r for r in plan(["fig6"], config, tmp_path) if r["task"] == "openbookqa_closed"]
+    assert row["tokens"] == "stand-in SmolLM2 x1.03 (Llama-3 128k)"
+    counted = json.loads((tmp_path / "resources/tokens/_stand-in/openbookqa_closed.json").read_text())
+    assert counted["documents"] == 500 and counted["shared"] < counted["sequences"]
+    [prior] = [r for r in plan(["fig6"], config, tmp_path, stand_in=False)
+               if r["task"] == "openbookqa_closed"]  # fmt: skip
+    # 500 questions of ~30 tokens, not 400-token priors: an order of magnitude less.
+    assert row["gpu_hours"] < prior["gpu_hours"] / 3
+    config["models"]["llama31_8b"]["attn_implementation"] = "flash_attention_2"
+    [flash] = [r for r in plan(["fig6"], config, tmp_path) if r["task"] == "openbookqa_closed"]
+    assert sum(flash["_jobs"].values()) > sum(row["_jobs"].values())  # job start-up dominates
+    check = tmp_path / "benchmarks/gpu_check.json"
+    check.parent.mkdir()
+    slower = 10 * prior_rates()[("cuda", "hf", "prefill")]
+    check.write_text(json.dumps({"tiny": False, "rates": {"cuda/hf/prefill": slower}}))
+    [measured] = [r for r in plan(["fig6"], config, tmp_path) if r["task"] == "openbookqa_closed"]
+    assert measured["rate"] == "gpu-check"
+    assert sum(measured["_jobs"].values()) > sum(flash["_jobs"].values())
+
+
+def test_vllm_plan_charges_a_shared_few_shot_prefix_once_per_batch():
+    counts = TaskTokens(documents=64, shared=0, sequences=0, prompt=64 * 1000,
+                        prompt_common=900, budget=64 * 256, settings={})  # fmt: skip
+    task = PAPER["tasks"]["gsm8k_8shot"]  # batch size 32: two batches
+    cost = TaskCost.of(task, counts)
+    assert cost.prompt_cached == 900 * (64 - 2)
+    model, units = PAPER["models"]["llama31_8b"], (Ablation.parse("layer3"),)
+    assert job_tokens(model, task, units, cost, True, "vllm")[0] == 64 * 1000 - 900 * 62
+    assert job_tokens(model, task, units, cost, True, "hf")[0] == 64 * 1000
+
+
+def test_dry_run_ends_with_the_planners_gpu_hours(tmp_path):
+    config = paper_in(tmp_path)
+    result = snakemake(tmp_path, "fig6", "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = total_row(plan(["fig6"], config, tmp_path))
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (f"GPU-hour plan: {total_line(total)} (tokens: stand-in; rates: prior)")
+    assert "10 evaluation jobs (66 units)" in line

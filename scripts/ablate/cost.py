@@ -13,6 +13,7 @@ that already ran, per token and per phase, so a small run calibrates a full one.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,35 +41,45 @@ Rates = dict[tuple[str, str, str], float]  # (device kind, backend, phase) -> s 
 @dataclass(frozen=True)
 class TaskCost:
     """Tokens of one unit of a task: log-likelihood (per full pass: each context once for its
-    options, and every option with its own context) or generate-until (prompt, generated)."""
+    options, and every option with its own context) or generate-until (prompt, of which vLLM's
+    prefix cache serves ``prompt_cached``, and generated)."""
 
     shared: float
     sequences: float
     prompt: float
     generated: float
-    tokens: str  # "counted" (the real requests) or "prior"
+    tokens: str  # "counted" (the real requests), "stand-in ..." (scaled) or "prior"
     generation: str = ""  # generate-until: "measured" (mean of finished units) or "budget"
+    prompt_cached: float = 0.0
 
     @classmethod
     def of(
-        cls, task: dict[str, Any], counts: TaskTokens | None, generated_mean: float | None = None
+        cls,
+        task: dict[str, Any],
+        counts: TaskTokens | None,
+        generated_mean: float | None = None,
+        tokens: str = "counted",
     ) -> TaskCost:
-        """From the counted requests (``counts``), else the prior; generation at
-        ``generated_mean`` tokens per document once measured, else the whole budget."""
+        """From the requests counted as ``tokens`` says (``counts``), else the prior; generation
+        at ``generated_mean`` tokens per document once measured, else the whole budget."""
         if counts is None:
             name = task["lm_eval_task"].removesuffix("_local")
             docs = task.get("limit") or KNOWN_DOCS.get(name, DEFAULT_DOCS)
             budget = docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
             shared = sequences = docs * PROMPT_TOKENS * OPTIONS  # no context shared
-            prompt, source = docs * PROMPT_TOKENS, "prior"
+            prompt, cached, tokens = docs * PROMPT_TOKENS, 0.0, "prior"
         else:
-            docs, budget, source = counts.documents, counts.budget, "counted"
+            docs, budget = counts.documents, counts.budget
             shared, sequences, prompt = counts.shared, counts.sequences, counts.prompt
+            # vLLM's automatic prefix caching (on by default) computes the few-shot examples
+            # every prompt starts with once per batch; the others find them cached.
+            batches = -(-docs // task.get("batch_size", 16))
+            cached = counts.prompt_common * (docs - batches)
         if task["protocol"] == "loglikelihood":
-            return cls(shared, sequences, 0.0, 0.0, source)
+            return cls(shared, sequences, 0.0, 0.0, tokens)
         if generated_mean is None:
-            return cls(0.0, 0.0, prompt, budget, source, "budget")
-        return cls(0.0, 0.0, prompt, generated_mean * docs, source, "measured")
+            return cls(0.0, 0.0, prompt, budget, tokens, "budget", cached)
+        return cls(0.0, 0.0, prompt, generated_mean * docs, tokens, "measured", cached)
 
 
 def prior_rates() -> Rates:
@@ -77,6 +88,17 @@ def prior_rates() -> Rates:
         for name, backend in BACKENDS.items()
         for (device, phase), rate in backend.prior_rates.items()
     }
+
+
+GPU_CHECK = "benchmarks/gpu_check.json"  # make gpu-check's measurements (ablate.gpu_check)
+
+
+def gpu_check_rates(path: Path) -> Rates:
+    """The prefill rate ``make gpu-check`` measured on this cluster's GPU (none: no file, or a
+    tiny-shape run, which measures nothing of the paper models)."""
+    if not path.exists() or (report := json.loads(path.read_text()))["tiny"]:
+        return {}
+    return {tuple(key.split("/")): rate for key, rate in report["rates"].items()}
 
 
 def device_kind(model: dict[str, Any]) -> str:
@@ -113,7 +135,8 @@ def job_tokens(
     passes = forward_passes(model, task, ablations, sweep)
     if task["protocol"] == "loglikelihood":
         return passes * (cost.shared if shares else cost.sequences), 0.0
-    return passes * cost.prompt, len(ablations) * cost.generated
+    prompt = cost.prompt - (cost.prompt_cached if backend == "vllm" else 0.0)
+    return passes * prompt, len(ablations) * cost.generated
 
 
 def chunk_seconds(

@@ -39,20 +39,27 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import (
+    GPU_CHECK,
     Rates,
     TaskCost,
     calibrated_rates,
     chunk_seconds,
     device_kind,
+    gpu_check_rates,
     prior_rates,
 )
 from ablate.io import write_atomically
 from ablate.tokens import (
+    STAND_IN_COUNTS,
     TOKEN_COUNTS,
     TaskTokens,
     count_task_tokens,
     generated_tokens,
+    offline_twin,
     read_task_tokens,
+    scaled,
+    stand_in_dir,
+    stand_in_scale,
 )
 
 
@@ -91,8 +98,9 @@ class TaskCosts:
     task's requests where the model and the task are there (and cached), else the prior;
     generations measured where units of the task have run."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        self.config, self.workdir = config, Path(workdir)
+    def __init__(self, config: dict[str, Any], workdir: Path, stand_in: bool = True) -> None:
+        self.config, self.workdir, self.stand_in = config, Path(workdir), stand_in
+        self.data_dir = str(self.workdir / config["data_dir"])
 
     def model_dir(self, model_id: str) -> Path | None:
         folder = self.workdir / "resources" / "models" / model_id
@@ -104,18 +112,32 @@ class TaskCosts:
         folder = self.model_dir(model_id)
         return bool(folder and json.loads((folder / "download.json").read_text()).get("sweep_off"))
 
-    def counts(self, model_id: str, task_id: str) -> TaskTokens | None:
+    def counts(self, model_id: str, task_id: str) -> tuple[TaskTokens, str] | None:
+        """The task's tokens and how they were counted: with the model's own tokenizer where
+        the model and the task are here, else (``stand_in``) the offline twin of the task
+        counted with SmolLM2's tokenizer and scaled to the model's vocabulary."""
         settings = task_settings(self.config, task_id)
         cached = self.workdir / TOKEN_COUNTS.format(model=model_id, task=task_id)
         if counts := read_task_tokens(cached, settings):
-            return counts
+            return counts, "counted"
         model_dir = self.model_dir(model_id)
-        if model_dir is None or not (self.workdir / TASK_RECORD.format(task=task_id)).exists():
+        if model_dir and (self.workdir / TASK_RECORD.format(task=task_id)).exists():
+            counts = count_task_tokens(model_dir, settings, self.data_dir)
+            write_atomically(cached, json.dumps(asdict(counts)))
+            return counts, "counted"
+        twin = offline_twin(settings) if self.stand_in else None
+        if twin is None:
             return None
-        data_dir = self.workdir / self.config["data_dir"]
-        counts = count_task_tokens(model_dir, settings, str(data_dir))
-        write_atomically(cached, json.dumps(asdict(counts)))
-        return counts
+        cached = self.workdir / STAND_IN_COUNTS.format(task=task_id)
+        if not (counts := read_task_tokens(cached, twin)):
+            print(f"counting the tokens of task {task_id} (once) ...", file=sys.stderr)
+            try:
+                counts = count_task_tokens(stand_in_dir(self.workdir), twin, self.data_dir)
+            except OSError:  # a task that still needs the hub: the prior
+                return None
+            write_atomically(cached, json.dumps(asdict(counts)))
+        label, factor = stand_in_scale(self.config["models"][model_id], twin["lm_eval_task"])
+        return scaled(counts, factor), label
 
     def generated_mean(self, model_id: str, task_id: str) -> float | None:
         model_dir = self.model_dir(model_id)
@@ -134,7 +156,8 @@ class TaskCosts:
         generated = None
         if task["protocol"] == "generate_until":
             generated = self.generated_mean(model_id, task_id)
-        return TaskCost.of(task, self.counts(model_id, task_id), generated)
+        counts, tokens = self.counts(model_id, task_id) or (None, "prior")
+        return TaskCost.of(task, counts, generated, tokens)
 
 
 def jobs_seconds(
@@ -159,23 +182,51 @@ def jobs_seconds(
     }
 
 
-def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
-    """One row per (figure, model, task) of the evaluation jobs still to run.
+def plan(
+    targets: list[str], config: dict[str, Any], workdir: Path, stand_in: bool = True
+) -> list[dict[str, Any]]:
+    """One row per (figure, model, task) of the evaluation jobs still to run (``stand_in``:
+    count tokens with the stand-in tokenizer where the model or the task is not here).
 
     A job two figures share (a common baseline) appears under both; ``total_row`` counts it once.
     """
-    reuse = config["evaluation"]["prefix_reuse"]
-    costs = TaskCosts(config, workdir)
-    calibrated = calibrated_rates(config, Path(workdir) / "benchmarks" / "evaluate",
-                                  lambda chunk: costs(chunk.model, chunk.task))  # fmt: skip
-    rates = prior_rates() | calibrated
     planned = planned_chunks(targets, config, workdir)
-    groups: dict[tuple, list[Chunk]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[Chunk]] = defaultdict(list)
     for figure in figure_targets(config, targets):
         needed = set(figure_evaluations(config, figure))
         for chunk in planned:
             if any((chunk.model, chunk.task, a) in needed for a in chunk.ids):
                 groups[(figure, chunk.model, chunk.task)].append(chunk)
+    return cost_rows(groups, config, workdir, stand_in)
+
+
+def dry_run_plan(job_rules: set[str], config: dict[str, Any], workdir: Path) -> str:
+    """The GPU-hour line of the evaluation jobs among a dry run's ``job_rules`` (rule names)."""
+    groups: dict[tuple[str, str, str], list[Chunk]] = defaultdict(list)
+    for chunk in evaluation_chunks(config):
+        if chunk.name in job_rules:
+            groups[("dry run", chunk.model, chunk.task)].append(chunk)
+    if not groups:
+        return "GPU-hour plan: no evaluation job to run"
+    rows = cost_rows(groups, config, workdir)
+    tokens = ", ".join(sorted({row["tokens"].split()[0] for row in rows}))
+    rates = ", ".join(sorted({row["rate"] for row in rows}))
+    return f"GPU-hour plan: {total_line(total_row(rows))} (tokens: {tokens}; rates: {rates})"
+
+
+def cost_rows(
+    groups: dict[tuple[str, str, str], list[Chunk]],
+    config: dict[str, Any],
+    workdir: Path,
+    stand_in: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per (figure, model, task) group of chunks, costed."""
+    reuse = config["evaluation"]["prefix_reuse"]
+    costs = TaskCosts(config, workdir, stand_in)
+    calibrated = calibrated_rates(config, Path(workdir) / "benchmarks" / "evaluate",
+                                  lambda chunk: costs(chunk.model, chunk.task))  # fmt: skip
+    measured = gpu_check_rates(Path(workdir) / GPU_CHECK)
+    rates = prior_rates() | measured | calibrated
     rows = []
     for (figure, model_id, task_id), chunks in groups.items():
         model, task = config["models"][model_id], config["tasks"][task_id]
@@ -202,11 +253,21 @@ def plan(targets: list[str], config: dict[str, Any], workdir: Path) -> list[dict
             "gpu_hours": round(hours * gpus, 2), "job_hours": round(hours, 2),
             "other_backend": cheapest,
             "gpu_hours_other_backend": round(others[cheapest] * gpus, 2) if cheapest else None,
-            "rate": "calibrated" if all((device, backend, p) in calibrated for p in phases) else "prior",
+            "rate": rate_source((device, backend), phases, calibrated, measured),
             "tokens": cost.tokens, "generation": cost.generation or None,
             "_jobs": seconds, "_per_unit": per_unit,
         })  # fmt: skip
     return rows
+
+
+def rate_source(
+    kind: tuple[str, str], phases: tuple[str, ...], calibrated: Rates, measured: Rates
+) -> str:
+    """Where a row's rates come from: finished jobs, make gpu-check, or the priors."""
+    for name, rates in (("calibrated", calibrated), ("gpu-check", measured)):
+        if all((*kind, phase) in rates for phase in phases):
+            return name
+    return "prior"
 
 
 def total_row(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -229,12 +290,28 @@ def total_row(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def total_line(total: dict[str, float]) -> str:
+    return (f"{total['jobs']} evaluation jobs ({total['units']} units), "
+            f"{total['gpu_hours']:.1f} GPU-hours, {total['job_hours']:.1f} job-hours (one job "
+            f"per unit without prefix reuse: {total['gpu_hours_one_job_per_unit']:.1f} "
+            "GPU-hours)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("targets", nargs="+", help="figure targets, e.g. fig11, or all")
+    parser.add_argument("targets", nargs="*", help="figure targets, e.g. fig11, or all")
     parser.add_argument("--configfile", type=Path, default=Path("config.yaml"))
     parser.add_argument("--directory", type=Path, default=Path(), help="workflow working dir")
+    parser.add_argument("--dry-run", type=Path, metavar="JOBS",
+                        help="the total only, of a JSON {config, jobs: rule names} that "
+                        "`snakemake -n` writes")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dry_run:
+        planned = json.loads(args.dry_run.read_text())
+        print(dry_run_plan(set(planned["jobs"]), planned["config"], args.directory))
+        return
+    if not args.targets:
+        parser.error("name a figure target, or all")
     import pandas as pd
 
     try:
@@ -245,12 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         print("nothing to run: every evaluation of these targets is already done")
         return
     print(pd.DataFrame(rows).drop(columns=["_jobs", "_per_unit"]).to_string(index=False))
-    total = total_row(rows)
-    print(f"\ntotal: {total['jobs']} evaluation jobs ({total['units']} units), "
-          f"{total['gpu_hours']:.1f} GPU-hours, "
-          f"{total['job_hours']:.1f} job-hours (one job per unit without prefix reuse: "
-          f"{total['gpu_hours_one_job_per_unit']:.1f} GPU-hours); downloads, aggregation, claims "
-          "and plots run locally")  # fmt: skip
+    print(f"\ntotal: {total_line(total_row(rows))}; downloads, aggregation, claims and plots "
+          "run locally")  # fmt: skip
 
 
 if __name__ == "__main__":

