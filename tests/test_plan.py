@@ -195,7 +195,9 @@ def test_stand_in_tokens_replace_the_prior(tmp_path):
     config = paper_in(tmp_path)
     [row] = [r for r in plan(["fig6"], config, tmp_path) if r["task"] == "openbookqa_closed"]
     assert row["tokens"] == "stand-in SmolLM2 x1.03 (Llama-3 128k)"
-    counted = json.loads((tmp_path / "resources/tokens/_stand-in/openbookqa_closed.json").read_text())
+    counted = json.loads(
+        (tmp_path / "resources/tokens/_stand-in/openbookqa_closed.json").read_text()
+    )
     assert counted["documents"] == 500 and counted["shared"] < counted["sequences"]
     [prior] = [r for r in plan(["fig6"], config, tmp_path, stand_in=False)
                if r["task"] == "openbookqa_closed"]  # fmt: skip

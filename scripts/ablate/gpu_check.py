@@ -130,6 +130,53 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def exactness(model, anatomy: Anatomy, units, source, batch, tolerance: float) -> dict[str, Any]:
+    """The sweep of ``units`` against one plain forward per unit, with the hooks."""
+    base = plain(model, batch)
+    swept = sweep_loglikelihoods(model, batch, units, source, BATCH_SIZE, 4096, torch.float32)
+    worst, flips = 0.0, 0
+    effects = {}  # per unit: what a sweep that ignored it would be off by
+    for unit in units:
+        with ablated(model, unit, source, anatomy):
+            reference = base if unit.kind == "base" else plain(model, batch)
+        for (ll, greedy, margin), (got, got_greedy), (_, option) in zip(
+            reference, swept[unit.id], batch, strict=True
+        ):
+            worst = max(worst, abs(ll - got) / len(option))
+            flips += greedy != got_greedy and margin > tolerance
+        effects[unit.id] = max(abs(r[0] - b[0]) / len(o)
+                               for r, b, (_, o) in zip(reference, base, batch, strict=True))  # fmt: skip
+    greedy_options = sum(greedy for _, greedy, _ in base)
+    layer_effect = min(effect for unit, effect in effects.items() if unit.startswith("layer"))
+    return {
+        "max_loglik_diff_per_token": worst,
+        "greedy_flips_beyond_tolerance": flips,
+        "greedy_options_of_base": greedy_options,
+        "unit_effects_per_token": effects,
+        # The check has power: skipping any layer moves a log-likelihood beyond tolerance.
+        "exact": worst <= tolerance < layer_effect and flips == 0 and greedy_options > 0,
+    }
+
+
+def speed(model, anatomy: Anatomy, batch, device: str) -> dict[str, Any]:
+    """A whole layer sweep: the sweep's seconds against one plain pass per layer."""
+    units = [Ablation.parse(f"layer{i}") for i in range(anatomy.arch.num_layers)]
+    _, sweep_s = timed(
+        lambda: sweep_loglikelihoods(model, batch, units, None, BATCH_SIZE, 4096, torch.float32),
+        device,
+    )
+    per_unit_s = 0.0
+    for unit in units:
+        with ablated(model, unit, anatomy=anatomy):
+            for chunk in chunks(batch, BATCH_SIZE):
+                per_unit_s += timed(lambda chunk=chunk: plain(model, chunk), device)[1]
+    tokens = sum(len(context) + len(option) - 1 for context, option in batch)
+    return {
+        "prefill_tokens_per_s": round(tokens * len(units) / per_unit_s),
+        "sweep_over_per_unit_forwards": round(sweep_s / per_unit_s, 3),
+    }
+
+
 def check_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     model = build(shape, args.tiny, dtype, args.device, "sdpa")
@@ -143,56 +190,17 @@ def check_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     units = [Ablation.parse("base")] + [
         Ablation.parse(u.format(mid=layers // 2, last=layers - 1)) for u in UNITS
     ]
-    tolerance = TOLERANCE[dtype]
     result: dict[str, Any] = {"params_b": round(params_b, 3), "layers": layers, "tasks": {}}
     for name, request_shape in REQUEST_SHAPES.items():
         batch = requests(request_shape, args.documents, model.config.vocab_size, seed=1)
         batch = with_greedy_options(model, batch, request_shape[1])
-        base = plain(model, batch)
-        swept = sweep_loglikelihoods(model, batch, units, source, BATCH_SIZE, 4096,
-                                     torch.float32)  # fmt: skip
-        worst, flips, greedy_options = 0.0, 0, sum(greedy for _, greedy, _ in base)
-        effects = {}  # per unit: what a sweep that ignored it would be off by
-        for unit in units:
-            with ablated(model, unit, source, anatomy):
-                reference = base if unit.kind == "base" else plain(model, batch)
-            for (ll, greedy, margin), (got, got_greedy), (_, option) in zip(
-                reference, swept[unit.id], batch, strict=True
-            ):
-                worst = max(worst, abs(ll - got) / len(option))
-                flips += greedy != got_greedy and margin > tolerance
-            effects[unit.id] = max(abs(r[0] - b[0]) / len(o)
-                                   for r, b, (_, o) in zip(reference, base, batch))  # fmt: skip
-        layer_units = [Ablation.parse(f"layer{i}") for i in range(layers)]
-        _, sweep_s = timed(lambda: sweep_loglikelihoods(model, batch, layer_units, None,
-                                                        BATCH_SIZE, 4096, torch.float32),
-                           args.device)  # fmt: skip
-        per_unit_s = 0.0
-        for unit in layer_units:
-            with ablated(model, unit, anatomy=anatomy):
-                per_unit_s += sum(
-                    timed(lambda chunk=chunk: plain(model, chunk), args.device)[1]
-                    for chunk in chunks(batch, BATCH_SIZE)
-                )
-        tokens = sum(len(context) + len(option) - 1 for context, option in batch)
-        result["tasks"][name] = {
-            "max_loglik_diff_per_token": worst,
-            "greedy_flips_beyond_tolerance": flips,
-            "greedy_options_of_base": greedy_options,
-            "unit_effects_per_token": effects,
-            # The check has power: skipping any layer moves a log-likelihood beyond tolerance.
-            "exact": worst <= tolerance and flips == 0 and greedy_options > 0
-            and min(e for u, e in effects.items() if u.startswith("layer")) > tolerance,
-            "prefill_tokens_per_s": round(tokens * layers / per_unit_s),
-            "sweep_over_per_unit_forwards": round(sweep_s / per_unit_s, 3),
-        }
+        result["tasks"][name] = exactness(model, anatomy, units, source, batch, TOLERANCE[dtype])
+        result["tasks"][name] |= speed(model, anatomy, batch, args.device)
     if args.device.startswith("cuda"):
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
-    result["prefill_s_per_token_b"] = 1 / (
-        params_b * min(task["prefill_tokens_per_s"] for task in result["tasks"].values())
-    )
-    del model
+    slowest = min(task["prefill_tokens_per_s"] for task in result["tasks"].values())
+    result["prefill_s_per_token_b"] = 1 / (params_b * slowest)
     return result
 
 

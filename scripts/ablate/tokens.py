@@ -52,13 +52,13 @@ TASKS = ("mmlu_local", "mmlu_continuation_local", "mmlu_generative_local", "hell
          "gsm8k_local", "gsm8k_cot_local")  # fmt: skip
 VOCABULARIES = (
     Vocabulary("Llama-3 128k", ("llama-3", "r1-distill-llama"), 0.94, dict(zip(TASKS, (
-        0.96, 0.93, 0.94, 0.99, 0.70, 0.70, 1.03, 0.99, 0.85, 0.90)))),  # fmt: skip
+        0.96, 0.93, 0.94, 0.99, 0.70, 0.70, 1.03, 0.99, 0.85, 0.90), strict=True))),
     Vocabulary("Qwen2/3 151k", ("qwen2", "qwen3"), 0.97, dict(zip(TASKS, (
-        0.97, 0.96, 0.96, 0.99, 0.98, 0.95, 1.03, 1.00, 0.97, 0.96)))),  # fmt: skip
+        0.97, 0.96, 0.96, 0.99, 0.98, 0.95, 1.03, 1.00, 0.97, 0.96), strict=True))),
     Vocabulary("LLaMA-1/2 32k", ("llama-7b", "llama-13b", "llama-2"), 1.06, dict(zip(TASKS, (
-        1.07, 1.08, 1.08, 1.06, 1.04, 1.00, 1.18, 1.19, 1.04, 1.01)))),  # fmt: skip
+        1.07, 1.08, 1.08, 1.06, 1.04, 1.00, 1.18, 1.19, 1.04, 1.01), strict=True))),
     Vocabulary("SmolLM2 49k", ("smollm2",), 1.0, {}),
-)
+)  # fmt: skip
 
 
 def vocabulary(model: dict[str, Any]) -> Vocabulary | None:
@@ -209,7 +209,8 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     if not sequences:
         return 0
     first, last = min(sequences), max(sequences)  # lexicographic: the extremes bound the rest
-    return next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+    differ = (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b)
+    return next(differ, min(len(first), len(last)))
 
 
 def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> TaskTokens:

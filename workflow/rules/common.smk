@@ -34,7 +34,6 @@ except ConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 
 
-
 def print_dry_run_plan():
     """What the evaluation jobs of this dry run will cost: the planner's total over exactly the
     jobs Snakemake listed. Snakemake runs no hook in a dry run, hence at exit, and the planner
@@ -52,7 +51,9 @@ def print_dry_run_plan():
     print(lines[-1] if result.returncode else "\n".join(lines), file=sys.stderr)
 
 
-atexit.register(print_dry_run_plan)  # the executor (dry run or not) is known after parsing
+atexit.register(
+    print_dry_run_plan
+)  # the executor (dry run or not) is known after parsing
 
 
 localrules:
