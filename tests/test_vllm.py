@@ -100,4 +100,6 @@ def test_an_edit_vllm_does_not_run_with_fails_loudly(embedded_dir):
         "model.layers.13.self_attn.o_proj still computes with the wrong weight"
         in outcome["message"]
     )
+    assert outcome["canary_caught"], "the canary let a no-op edit through"
+    assert "compiled forward did not see the edit" in outcome["canary_message"]
     assert outcome["edited_differs"] and outcome["restored_equal"]

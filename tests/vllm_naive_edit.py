@@ -10,7 +10,16 @@ import os
 import sys
 
 from ablate.ablations import WeightEdit
-from ablate.backends.vllm import ENGINE_ENV, EditNotApplied, check_report, edit_tensors, load_edits
+from ablate.backends.vllm import (
+    CANARY,
+    ENGINE_ENV,
+    EditNotApplied,
+    canary,
+    check_canary,
+    check_report,
+    edit_tensors,
+    load_edits,
+)
 from ablate.backends.vllm import probe_report as report_for
 
 EDITS = [WeightEdit("model.layers.13.self_attn.o_proj.weight")]
@@ -43,6 +52,8 @@ def main() -> None:
         return tuple(output.token_ids), output.cumulative_logprob
 
     before = generate()
+    canary_ids = llm.get_tokenizer()(CANARY).input_ids
+    base = canary(llm, canary_ids)
     outcome = {}
     [naive] = llm.collective_rpc(functools.partial(naive_edit, model_dir=model_dir))
     llm.reset_prefix_cache()
@@ -52,12 +63,22 @@ def main() -> None:
         outcome["naive_caught"] = False
     except EditNotApplied as error:
         outcome["naive_caught"], outcome["message"] = True, str(error)
+    # The canary catches the same no-op through the engine's whole forward, as it would catch a
+    # CUDA graph still computing the old weights.
+    llm.reset_prefix_cache()
+    try:
+        check_canary(canary(llm, canary_ids), base, "float32", "naive edit", edited=True)
+        outcome["canary_caught"] = False
+    except EditNotApplied as error:
+        outcome["canary_caught"], outcome["canary_message"] = True, str(error)
     load = functools.partial(
         load_edits, edits=EDITS, model_dir=model_dir, source_dir=None, dtype="float32"
     )
     for restore in (False, True):
         [report] = llm.collective_rpc(functools.partial(load, restore=restore))
         check_report(report, "float32", "reload")
+        llm.reset_prefix_cache()
+        check_canary(canary(llm, canary_ids), base, "float32", "reload", edited=not restore)
         llm.reset_prefix_cache()
         outcome["restored_equal" if restore else "edited_differs"] = (
             generate() == before

@@ -42,13 +42,14 @@ def print_dry_run_plan():
         return
     jobs = [job.rule.name for job in workflow.dag.jobs if workflow.dag.needrun(job)]
     with tempfile.NamedTemporaryFile("w", suffix=".json") as planned:
-        json.dump({"config": config, "jobs": jobs}, planned)
+        json.dump({"config": config, "jobs": jobs}, planned, default=str)
         planned.flush()
         command = [sys.executable, "-m", "ablate.plan", "--dry-run", planned.name]
         result = subprocess.run(command, capture_output=True, text=True)
     # lm-eval's task-loading chatter goes; a failure's last line stays.
     lines = (result.stdout or result.stderr).strip().splitlines() or ["(no output)"]
-    print(lines[-1] if result.returncode else "\n".join(lines), file=sys.stderr)
+    failed = f"GPU-hour plan failed: {lines[-1]}"
+    print(failed if result.returncode else "\n".join(lines), file=sys.stderr)
 
 
 atexit.register(

