@@ -137,6 +137,11 @@ CASES = {
         lambda c: c["figures"].update(evaluate_x=c["figures"]["fig5"]),
         r"figures.evaluate_x: .* is a rule of the workflow",
     ),
+    "flex attention on the CPU": (
+        lambda c: c["models"]["smollm2"].update(attn_implementation="flex_attention"),
+        r"models.smollm2.attn_implementation: flex_attention is compiled for the GPU; torch's "
+        r"CPU build of it fails for some shapes \(on cpu allowed: sdpa, eager\)",
+    ),
     "two backends for one task": (
         lambda c: c["figures"]["fig13"].update(backend="vllm"),
         r"figures.fig13.backend: vllm for model smollm2 on task gsm8k_1shot, but "

@@ -6,9 +6,12 @@ line before anything runs."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.integrations.flex_attention import WrappedFlexAttention
 
 from ablate.ablations import (
     Ablation,
@@ -19,7 +22,7 @@ from ablate.ablations import (
 )
 from ablate.anatomy import Anatomy, anatomy_from_config
 from ablate.proxy import layer_proxies
-from ablate.sweep import sweep_loglikelihoods
+from ablate.sweep import shares_contexts, sweep_loglikelihoods
 from conftest import REPO
 from families import (
     FAMILIES,
@@ -177,3 +180,36 @@ def test_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     table = readme.split("<!-- supported-models -->\n")[1].split("\n<!-- /supported-models -->")[0]
     assert table == supported_table()
+
+
+@pytest.mark.parametrize(
+    "name", ["Llama", "Mistral (all layers sliding)", "Gemma-2 (mixed windows, soft-capping)"]
+)
+def test_flex_attention_sweep_shares_contexts_exactly(name, monkeypatch):
+    """Under flex_attention the sweep puts options on shared contexts with block masks (per
+    layer window, soft-capping through the kernel's score hook): each unit equals the ablation
+    done by hand, scored with sdpa as lm-eval scores it. Compiled with the eager backend:
+    torch 2.13's inductor emits CPU code for flex attention that g++ rejects for some shapes
+    (the config refuses flex_attention on CPU); the kernel's inputs and masks are the same."""
+    compile_eagerly = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
+    model, source = build(name), build(name, seed=1)
+    anatomy = Anatomy.of(model)
+    source_weights = {
+        layer: anatomy.blocks(source)[layer].get_submodule(anatomy.attention_out).weight
+        for layer in range(anatomy.arch.num_layers)
+    }
+    units = [Ablation.parse("base"), *(Ablation.parse(u) for u in UNITS)]
+    expected = {
+        unit.id: loglikelihoods(
+            model if unit.kind == "base" else reference(model, source, anatomy, unit)
+        )
+        for unit in units
+    }
+    model.set_attn_implementation("flex_attention")
+    assert shares_contexts(model)
+    swept = sweep_loglikelihoods(model, REQUESTS, units, source_weights, 4, 64)
+    for unit in units:
+        got = [ll for ll, _ in swept[unit.id]]
+        assert got == pytest.approx(expected[unit.id], abs=1e-4), f"{name}: flex sweep {unit.id}"

@@ -13,13 +13,13 @@ from conftest import REPO
 def test_gpu_check_runs_and_proves_the_sweep_exact_in_bf16(tmp_path):
     out = tmp_path / "gpu_check.json"
     command = [sys.executable, "-m", "ablate.gpu_check", "--device", "cpu", "--tiny",
-               "--documents", "4", "--out", str(out)]  # fmt: skip
+               "--documents", "4", "--kernels", "sdpa", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and set(report["shapes"]) == {"llama31_8b", "qwen3_8b"}
     for shape in report["shapes"].values():
-        for task in shape["tasks"].values():
+        for task in shape["kernels"]["sdpa"].values():
             assert task["exact"] and task["greedy_options_of_base"] > 0
             # Power: skipping a layer moves log-likelihoods far beyond the bf16 tolerance.
             assert min(e for u, e in task["unit_effects_per_token"].items() if "layer" in u) > 0.1

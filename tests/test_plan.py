@@ -161,6 +161,9 @@ def test_plan_follows_the_sweep_path_each_model_takes(tmp_path):
     flash = chunk_seconds(model | {"attn_implementation": "flash_attention_2"}, task, units,
                           prior_rates(), cost=cost)  # fmt: skip
     assert flash > sdpa
+    flex = chunk_seconds(model | {"attn_implementation": "flex_attention"}, task, units,
+                         prior_rates(), cost=cost)  # fmt: skip
+    assert flex == sdpa  # block masks share contexts as sdpa's 4D masks do
 
     def hours() -> float:
         return total_row(plan(["fig3"], PAPER, tmp_path, stand_in=False))["gpu_hours"]

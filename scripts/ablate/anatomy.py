@@ -56,6 +56,9 @@ SWEEP_FAMILIES = frozenset(
     ]
 )
 TUPLE_BLOCK_FAMILIES = frozenset({"falcon"})  # blocks that return (hidden states, attention)
+# Attention kernels that take a mask of any shape, so the sweep can put options on a shared
+# context (ablate.sweep); flash_attention_2 takes only padding masks.
+CONTEXT_SHARING_KERNELS = ("sdpa", "eager", "flex_attention")
 ATTENTION_TYPES = ("full_attention", "sliding_attention")  # what the sweep's masks express
 
 

@@ -327,6 +327,11 @@ def check_config(config: dict[str, Any]) -> None:
                 f"models.{model_id}.path: {model.get('path')!r} is no checkpoint folder (needed "
                 f"when source is local; relative to the working directory {Path.cwd()})"
             )
+        if model.get("attn_implementation") == "flex_attention" and model["device"] == "cpu":
+            raise ConfigError(
+                f"models.{model_id}.attn_implementation: flex_attention is compiled for the GPU; "
+                "torch's CPU build of it fails for some shapes (on cpu allowed: sdpa, eager)"
+            )
     backends = [(f"tasks.{t}.backend", task.get("backend", "hf")) for t, task in tasks.items()]
     backends += [
         (f"figures.{f}.backend", fig["backend"])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.ablations import Ablation
+from ablate.anatomy import CONTEXT_SHARING_KERNELS
 from ablate.backends import BACKENDS
 from ablate.config import Chunk, evaluation_chunks
 from ablate.tokens import TaskTokens
@@ -131,7 +132,8 @@ def job_tokens(
     # The sweep (ablate.sweep) runs every HF log-likelihood chunk; it shares each context among
     # its options where the attention kernel takes 4D masks (not flash attention).
     sweep = prefix_reuse and backend == "hf"
-    shares = sweep and model.get("attn_implementation") in (None, "sdpa", "eager")
+    kernel = model.get("attn_implementation") or "sdpa"
+    shares = sweep and kernel in CONTEXT_SHARING_KERNELS
     passes = forward_passes(model, task, ablations, sweep)
     if task["protocol"] == "loglikelihood":
         return passes * (cost.shared if shares else cost.sequences), 0.0

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ablate.ablations import Ablation, ablated
-from ablate.anatomy import Anatomy
+from ablate.anatomy import CONTEXT_SHARING_KERNELS, Anatomy
 
 Request = tuple[tuple[int, ...], tuple[int, ...]]  # (context tokens, continuation tokens)
 Answer = tuple[float, bool]  # (sum of continuation log-probabilities, continuation is greedy)
@@ -146,9 +146,10 @@ def sweepable(model) -> Anatomy:
 
 
 def shares_contexts(model) -> bool:
-    """Whether the model's attention takes the 4D masks that put options on a shared context
-    (sdpa, eager); other kernels (flash attention) get one plain sequence per option."""
-    return model.config._attn_implementation in ("sdpa", "eager")
+    """Whether the model's attention takes the masks that put options on a shared context (4D
+    masks: sdpa, eager; block masks: flex_attention); other kernels (flash attention) get one
+    plain sequence per option."""
+    return model.config._attn_implementation in CONTEXT_SHARING_KERNELS
 
 
 def continuation_answers(
@@ -354,8 +355,8 @@ def option_inputs(model, anatomy: Anatomy, batch: Batch):
     device = model.get_input_embeddings().weight.device
     masks = {
         window: _as_attention_mask(
-            model, mask if window is None else mask & (distance < window)
-        ).to(device)
+            model, (mask if window is None else mask & (distance < window)).to(device)
+        )
         for window in set(anatomy.windows)
     }
     hidden, calls = layer_inputs(
@@ -367,14 +368,27 @@ def option_inputs(model, anatomy: Anatomy, batch: Batch):
     return hidden, calls, places
 
 
-def _as_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+def _as_attention_mask(model, allowed: torch.Tensor):
     """A (rows, queries, keys) boolean mask as the model's attention takes it: 4D, additive for
-    eager attention (as transformers builds it)."""
+    eager attention (as transformers builds it); for flex_attention a block mask, whose kernel
+    skips the tiles no query of a row may see (the other rows' contexts) and reads grouped K/V
+    heads without repeating them."""
+    implementation = model.config._attn_implementation
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, queries, keys = allowed.shape
+        return create_block_mask(
+            lambda row, head, query, key: allowed[row, query, key],
+            rows, None, queries, keys, device=allowed.device,
+        )  # fmt: skip
     allowed = allowed[:, None]
-    if model.config._attn_implementation != "eager":
+    if implementation != "eager":
         return allowed
     dtype = model.get_input_embeddings().weight.dtype
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def layer_calls(model, anatomy: Anatomy, batch: Batch):
