@@ -1,8 +1,8 @@
 """Tiny random-weight models of many decoder families, built from ``transformers`` configs (no
 download, milliseconds each), and the by-hand forms of each ablation they are checked against.
 
-Shared by the exactness matrix (test_families.py) and the README's supported-models table
-(``python tests/families.py``), so the table is what the matrix proves.
+Shared by the exactness matrix (test_families.py) and the supported-models table of
+docs/ablations.md (``python tests/families.py``), so the table is what the matrix proves.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ def refusals(check, anatomy: Anatomy, keys) -> str:
 
 
 def supported_table() -> str:
-    """The README's supported-models table: family x form, as the code decides it (the matrix
-    in test_families.py proves each 'exact')."""
+    """The supported-models table of docs/ablations.md: family x form, as the code decides it
+    (the matrix in test_families.py proves each 'exact')."""
     import tempfile
 
     from ablate.ablations import check_weight_edits_exact, checkpoint_keys

@@ -10,7 +10,7 @@ the `datasets` cache that :mod:`ablate.offline_datasets` builds from ../shared/d
 labelled fixture for the one hub config that has no offline copy (OpenBookQA's facts).
 
 143 jobs (50 evaluations); measured 12.8 min on 2 idle cores, 21 of its job-minutes in the
-evaluations: see README, "Air-gapped clusters".
+evaluations: see docs/cluster.md, "Air-gapped clusters".
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_finished_evaluations_are_excluded(tmp_path):
 def test_rates_are_calibrated_from_benchmarks(tmp_path):
     config = copy.deepcopy(DEMO)
     config["tasks"]["kv_retrieval"]["limit"] = 6
-    tsv = tmp_path / "smollm2" / "kv_retrieval" / "layer0-layer7.tsv"
+    tsv = tmp_path / "benchmarks/evaluate/smollm2/kv_retrieval/layer0-layer7.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("s\th:m:s\n25.0\t0:00:25\n")
     rates = calibrated_rates(config, tmp_path)
@@ -75,7 +75,7 @@ def test_vllm_decode_is_calibrated_net_of_its_own_prefill(tmp_path):
         ("kv_retrieval/layer0-layer7", 25.0),
         ("gsm8k_1shot/layer0-layer7", 100.0),
     ):
-        tsv = tmp_path / "smollm2" / f"{chunk}.tsv"
+        tsv = tmp_path / "benchmarks/evaluate/smollm2" / f"{chunk}.tsv"
         tsv.parent.mkdir(parents=True, exist_ok=True)
         tsv.write_text(f"s\th:m:s\n{seconds}\t0:01:40\n")
     rates = calibrated_rates(config, tmp_path)

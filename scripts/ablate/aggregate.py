@@ -16,6 +16,7 @@ import pandas as pd
 
 from ablate.config import Run, figure_runs
 from ablate.io import write_atomically
+from ablate.paths import UNIT_DIR
 from ablate.stats import holm, paired_delta, spearman
 
 COLUMNS = [
@@ -33,7 +34,11 @@ class ResultError(RuntimeError):
 
 
 def result_path(results_dir: Path, model: str, task: str, ablation: str) -> Path:
-    return Path(results_dir) / model / task / ablation / "results.json"
+    return (
+        Path(results_dir)
+        / UNIT_DIR.format(model=model, task=task, ablation=ablation)
+        / "results.json"
+    )
 
 
 def metric_key(metric: str) -> str:

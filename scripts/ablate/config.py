@@ -20,6 +20,7 @@ import yaml
 from ablate.ablations import CONFIG_KINDS, HEAD_KINDS, SOURCE_KINDS, Ablation, sweep
 from ablate.backends import BACKENDS, serving
 from ablate.lm_eval_tasks import TASKS_DIR
+from ablate.paths import EVALUATIONS, TASK_RECORD
 
 PROTOCOL_METRICS = {
     "loglikelihood": ("acc", "acc_norm", "acc_ce"),
@@ -386,8 +387,6 @@ def check_config(config: dict[str, Any]) -> None:
 
 # --- task folders, task YAMLs, and what prefetch_task recorded ------------------------------
 
-TASK_RECORD = "resources/tasks/{task}.json"  # prefetch_task's output
-
 
 class _TaskYamlLoader(yaml.SafeLoader):
     """Reads lm-eval task YAMLs without resolving their tags (``!function utils.x``)."""
@@ -520,12 +519,12 @@ def check_task_records(config: dict[str, Any], root: Path = Path()) -> None:
                 task_id,
                 task["lm_eval_task"],
             )
-        elif any((root / "results/evaluate").glob(f"*/{task_id}/*/results.json")):
+        elif any((root / EVALUATIONS).glob(f"*/{task_id}/*/results.json")):
             changes = ", ".join(
                 f"{k} {task.get(k)!r} (results: {recorded.get(k)!r})" for k in differ
             )
             raise ConfigError(
-                f"tasks.{task_id}: {changes}: results/evaluate/*/{task_id}/ holds results of other "
+                f"tasks.{task_id}: {changes}: {EVALUATIONS}/*/{task_id}/ holds results of other "
                 f"settings ({marker}), which this config would overwrite; give the task another "
                 f"id, or move those results and {marker} away"
             )

@@ -24,6 +24,7 @@ from ablate.ablations import Ablation
 from ablate.anatomy import CONTEXT_SHARING_KERNELS
 from ablate.backends import BACKENDS
 from ablate.config import Chunk, evaluation_chunks
+from ablate.paths import BENCHMARK
 from ablate.tokens import TaskTokens
 
 # Documents per task when no limit is set (full test/validation splits).
@@ -89,9 +90,6 @@ def prior_rates() -> Rates:
         for name, backend in BACKENDS.items()
         for (device, phase), rate in backend.prior_rates.items()
     }
-
-
-GPU_CHECK = "benchmarks/gpu_check.json"  # make gpu-check's measurements (ablate.gpu_check)
 
 
 def gpu_check_rates(path: Path) -> Rates:
@@ -163,7 +161,7 @@ def chunk_seconds(
 
 def calibrated_rates(
     config: dict[str, Any],
-    benchmarks: Path,
+    workdir: Path,
     task_cost: Callable[[Chunk], TaskCost] | None = None,
 ) -> Rates:
     """Seconds per (token x B) fitted to finished jobs' benchmark TSVs (those of the config's
@@ -179,7 +177,8 @@ def calibrated_rates(
         tokens: dict[tuple[str, str, str], float] = defaultdict(float)
         for chunk in evaluation_chunks(config):
             model, task = config["models"][chunk.model], config["tasks"][chunk.task]
-            tsv = benchmarks / chunk.model / chunk.task / f"{chunk.label}.tsv"
+            tsv = Path(workdir) / BENCHMARK.format(model=chunk.model, task=chunk.task,
+                                                   label=chunk.label)  # fmt: skip
             if not tsv.exists() or (task["protocol"] == "loglikelihood") != (phase == "prefill"):
                 continue
             device = device_kind(model)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ablate.config import ConfigError, check_task_metrics
 from ablate.io import write_atomically
+from ablate.paths import DOWNLOAD_RECORD
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*"]
@@ -101,7 +102,7 @@ def hub_error(model_id: str, spec: dict[str, Any], error: Exception) -> str:
     )
     return (
         f"models.{model_id}.repo_id: cannot fetch {spec['repo_id']!r}: {offline} "
-        f"({type(error).__name__}: {reason}); download on a host with internet (README, "
+        f"({type(error).__name__}: {reason}); download on a host with internet (docs/cluster.md, "
         "'Air-gapped clusters') or check the id"
     )
 
@@ -139,7 +140,7 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
     check_thinking_switch(model_id, spec, out_dir)
     if spec.get("o_proj_noise"):
         record["o_proj_noise"] = spec["o_proj_noise"]
-    write_atomically(out_dir / "download.json", json.dumps(record, indent=1))
+    write_atomically(out_dir / DOWNLOAD_RECORD, json.dumps(record, indent=1))
 
 
 def _missing_data(error: FileNotFoundError, data_dir: str, task_id: str | None, name: str) -> str:

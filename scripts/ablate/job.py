@@ -16,6 +16,7 @@ from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.io import write_atomically
+from ablate.paths import DOWNLOAD_RECORD
 
 PATHS = ("model_dir", "source_dir", "cache_dir")
 
@@ -47,7 +48,7 @@ class Job:
 
     @property
     def model_revision(self) -> str | None:
-        record = self.model_dir / "download.json"
+        record = self.model_dir / DOWNLOAD_RECORD
         return json.loads(record.read_text()).get("commit") if record.exists() else None
 
     def request_cache(self, ablation: Ablation) -> str | None:

@@ -29,7 +29,6 @@ from typing import Any
 from ablate.aggregate import result_path
 from ablate.backends import serving
 from ablate.config import (
-    TASK_RECORD,
     Chunk,
     ConfigError,
     evaluation_chunks,
@@ -39,7 +38,6 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import (
-    GPU_CHECK,
     Rates,
     TaskCost,
     calibrated_rates,
@@ -49,9 +47,17 @@ from ablate.cost import (
     prior_rates,
 )
 from ablate.io import write_atomically
-from ablate.tokens import (
+from ablate.paths import (
+    DOWNLOAD_RECORD,
+    EVALUATIONS,
+    GPU_CHECK,
+    MODEL_DIR,
     STAND_IN_COUNTS,
+    TASK_RECORD,
     TOKEN_COUNTS,
+    UNIT_DIR,
+)
+from ablate.tokens import (
     TaskTokens,
     count_task_tokens,
     generated_tokens,
@@ -84,7 +90,7 @@ def figure_targets(config: dict[str, Any], targets: list[str]) -> list[str]:
 def planned_chunks(targets: list[str], config: dict[str, Any], workdir: Path) -> list[Chunk]:
     """The evaluation jobs the targets need whose per-unit results are not all in ``workdir``."""
     needed = {e for f in figure_targets(config, targets) for e in figure_evaluations(config, f)}
-    results = Path(workdir) / "results" / "evaluate"
+    results = Path(workdir) / EVALUATIONS
     return [
         chunk
         for chunk in evaluation_chunks(config)
@@ -103,14 +109,14 @@ class TaskCosts:
         self.data_dir = str(self.workdir / config["data_dir"])
 
     def model_dir(self, model_id: str) -> Path | None:
-        folder = self.workdir / "resources" / "models" / model_id
-        return folder if (folder / "download.json").exists() else None
+        folder = self.workdir / MODEL_DIR.format(model=model_id)
+        return folder if (folder / DOWNLOAD_RECORD).exists() else None
 
     def sweep_off(self, model_id: str) -> bool:
         """Whether the download step found that the sweep cannot reproduce the model (its
         log-likelihood units then run one lm-eval evaluation each)."""
         folder = self.model_dir(model_id)
-        return bool(folder and json.loads((folder / "download.json").read_text()).get("sweep_off"))
+        return bool(folder and json.loads((folder / DOWNLOAD_RECORD).read_text()).get("sweep_off"))
 
     def counts(self, model_id: str, task_id: str) -> tuple[TaskTokens, str] | None:
         """The task's tokens and how they were counted: with the model's own tokenizer where
@@ -141,7 +147,8 @@ class TaskCosts:
 
     def generated_mean(self, model_id: str, task_id: str) -> float | None:
         model_dir = self.model_dir(model_id)
-        units = self.workdir / "results" / "evaluate" / model_id / task_id
+        units = self.workdir / EVALUATIONS / UNIT_DIR.format(model=model_id, task=task_id,
+                                                             ablation="")  # fmt: skip
         finished = sorted(units.glob("*/results.json"))
         if model_dir is None or not finished:
             return None
@@ -223,8 +230,7 @@ def cost_rows(
     """One row per (figure, model, task) group of chunks, costed."""
     reuse = config["evaluation"]["prefix_reuse"]
     costs = TaskCosts(config, workdir, stand_in)
-    calibrated = calibrated_rates(config, Path(workdir) / "benchmarks" / "evaluate",
-                                  lambda chunk: costs(chunk.model, chunk.task))  # fmt: skip
+    calibrated = calibrated_rates(config, workdir, lambda chunk: costs(chunk.model, chunk.task))
     measured = gpu_check_rates(Path(workdir) / GPU_CHECK)
     rates = prior_rates() | measured | calibrated
     rows = []

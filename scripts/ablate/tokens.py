@@ -19,13 +19,7 @@ from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.job import Job
-
-TOKEN_COUNTS = "resources/tokens/{model}/{task}.json"  # the planner's counts, per (model, task)
-# Where neither the model nor the task is on the planning host (a dry run before any gated or hub
-# download), requests are built from the task's offline twin and counted with the embedded
-# SmolLM2 tokenizer, then scaled to the model's vocabulary.
-STAND_IN_DIR = "resources/tokens/_stand-in"
-STAND_IN_COUNTS = STAND_IN_DIR + "/{task}.json"
+from ablate.paths import STAND_IN_DIR
 
 
 @dataclass(frozen=True)

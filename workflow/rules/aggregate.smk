@@ -3,13 +3,13 @@ rule aggregate_figure:
         get_figure_results,
     output:
         csv=report(
-            "results/aggregate/{figure}.csv",
+            FIGURE_CSV,
             caption="../report/figure_data.rst",
             category="Figure data",
             labels={"figure": "{figure}"},
         ),
         provenance=report(
-            "results/aggregate/{figure}.provenance.csv",
+            FIGURE_PROVENANCE,
             caption="../report/provenance.rst",
             category="Provenance",
             labels={"figure": "{figure}"},
@@ -20,7 +20,7 @@ rule aggregate_figure:
         "../../envs/plot.yaml"
     params:
         config=get_figure_config,
-        results_dir="results/evaluate",
+        results_dir=EVALUATIONS,
     script:
         "../../scripts/aggregate_figure.py"
 
@@ -31,7 +31,7 @@ rule check_claims:
         unpack(get_claim_csvs),
     output:
         csv=report(
-            "results/claims/{figure}.csv",
+            CLAIMS_CSV,
             caption="../report/claims.rst",
             category="Paper claims",
             labels={"figure": "{figure}"},

@@ -12,7 +12,6 @@ import yaml
 from ablate.backends import BACKENDS
 from ablate.claims import claim_figures, parse_claims
 from ablate.config import (
-    TASK_RECORD,
     ConfigError,
     check_task_records,
     evaluation_chunks,
@@ -22,7 +21,22 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import TaskCost, chunk_seconds, prior_rates
-from ablate.tokens import TOKEN_COUNTS, read_task_tokens
+from ablate.paths import (
+    BENCHMARK,
+    CLAIMS_CSV,
+    EVALUATION_FILE,
+    EVALUATION_LOG,
+    EVALUATIONS,
+    FIGURE_CSV,
+    FIGURE_PDF,
+    FIGURE_PNG,
+    FIGURE_PROVENANCE,
+    MODEL_RECORD,
+    REQUEST_CACHES,
+    TASK_RECORD,
+    TOKEN_COUNTS,
+)
+from ablate.tokens import read_task_tokens
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
 # any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
@@ -78,9 +92,6 @@ wildcard_constraints:
 
 def model_marker(model):
     return rules.download_model.output.marker.format(model=model)
-
-
-EVALUATION_FILE = "results/evaluate/{model}/{task}/{ablation}/{name}"
 
 
 def evaluation_file(model, task, ablation, name="results.json"):

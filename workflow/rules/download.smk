@@ -1,6 +1,6 @@
 rule download_model:
     output:
-        marker="resources/models/{model}/download.json",
+        marker=MODEL_RECORD,
     log:
         "logs/download/{model}.log",
     conda:

@@ -11,9 +11,9 @@ for chunk in evaluation_chunks(config):
         output:
             **chunk_outputs(chunk),
         log:
-            f"logs/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.log",
+            EVALUATION_LOG.format(model=chunk.model, task=chunk.task, label=chunk.label),
         benchmark:
-            f"benchmarks/evaluate/{chunk.model}/{chunk.task}/{chunk.label}.tsv"
+            BENCHMARK.format(model=chunk.model, task=chunk.task, label=chunk.label)
         conda:
             chunk_env(chunk)
         threads: 1
@@ -25,6 +25,6 @@ for chunk in evaluation_chunks(config):
             job=evaluation_job(chunk),
             ablations=list(chunk.ids),
             # Outlives a killed job on purpose: the resubmission replays finished requests.
-            cache_dir=f"results/cache/{chunk.model}/{chunk.task}",
+            cache_dir=REQUEST_CACHES.format(model=chunk.model, task=chunk.task),
         script:
             "../../scripts/evaluate_ablation.py"

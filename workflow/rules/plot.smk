@@ -3,12 +3,12 @@ rule plot_figure:
         csv=rules.aggregate_figure.output.csv,
     output:
         png=report(
-            "results/figures/{figure}.png",
+            FIGURE_PNG,
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{figure}"},
         ),
-        pdf="results/figures/{figure}.pdf",
+        pdf=FIGURE_PDF,
     log:
         "logs/plot/{figure}.log",
     conda:

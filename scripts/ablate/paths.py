@@ -1,0 +1,28 @@
+"""The workflow's file layout, relative to its working directory: the one owner of every path
+pattern that the rules, the planner and the jobs share (Snakemake wildcards in braces)."""
+
+from __future__ import annotations
+
+MODEL_DIR = "resources/models/{model}"
+DOWNLOAD_RECORD = "download.json"  # in a model's folder, written last by the download step
+MODEL_RECORD = f"{MODEL_DIR}/{DOWNLOAD_RECORD}"
+TASK_RECORD = "resources/tasks/{task}.json"  # prefetch_task's output
+TOKEN_COUNTS = "resources/tokens/{model}/{task}.json"  # the planner's counts, per (model, task)
+# Where neither the model nor the task is on the planning host: counts of the task's offline
+# twin with the embedded model's tokenizer (ablate.tokens).
+STAND_IN_DIR = "resources/tokens/_stand-in"
+STAND_IN_COUNTS = f"{STAND_IN_DIR}/{{task}}.json"
+
+EVALUATIONS = "results/evaluate"
+UNIT_DIR = "{model}/{task}/{ablation}"  # one unit's results.json, samples.jsonl (base: proxies.csv)
+EVALUATION_FILE = f"{EVALUATIONS}/{UNIT_DIR}/{{name}}"
+REQUEST_CACHES = "results/cache/{model}/{task}"  # outlive a killed job: its resubmission replays
+EVALUATION_LOG = "logs/evaluate/{model}/{task}/{label}.log"
+BENCHMARK = "benchmarks/evaluate/{model}/{task}/{label}.tsv"  # Snakemake's, per evaluation job
+GPU_CHECK = "benchmarks/gpu_check.json"  # make gpu-check's measurements (ablate.gpu_check)
+
+FIGURE_CSV = "results/aggregate/{figure}.csv"
+FIGURE_PROVENANCE = "results/aggregate/{figure}.provenance.csv"
+CLAIMS_CSV = "results/claims/{figure}.csv"
+FIGURE_PNG = "results/figures/{figure}.png"
+FIGURE_PDF = "results/figures/{figure}.pdf"
