@@ -13,10 +13,10 @@ import pytest
 from ablate import backends
 from ablate.ablations import Ablation
 from ablate.backends import BACKENDS, Backend
-from ablate.config import ConfigError, check_config, evaluation_chunks
+from ablate.config import ConfigError, check_config, evaluation_chunks, load_config
 from ablate.cost import chunk_seconds, prior_rates
 from ablate.job import Job
-from ablate.plan import load_config, plan
+from ablate.plan import plan
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = str(REPO.parent / "shared" / "data")

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from ablate.ablations import Ablation
-from ablate.config import task_settings
+from ablate.config import load_config, task_settings
 from ablate.cost import TaskCost, calibrated_rates, chunk_seconds, job_tokens, prior_rates
-from ablate.plan import load_config, plan, planned_chunks, total_line, total_row
+from ablate.plan import plan, planned_chunks, total_line, total_row
 from ablate.tokens import TaskTokens, offline_twin, vocabulary
 from conftest import DATA_DIR, REPO, SMOLLM2, snakemake
 

@@ -13,8 +13,8 @@ import pytest
 
 import test_integrity
 from ablate.aggregate import ResultError, aggregate
-from ablate.config import ConfigError, load_config_file
-from ablate.plan import load_config, main
+from ablate.config import ConfigError, load_config, load_config_file
+from ablate.plan import main
 from conftest import REPO
 from test_integrity import CONFIG
 

@@ -68,6 +68,14 @@ def schema_error(config: dict[str, Any], schema: dict[str, Any]) -> str | None:
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
 
 
+def load_config(configfile: Path) -> dict[str, Any]:
+    """The config as the workflow sees it: validated, the schema's defaults filled in; a key
+    given twice or a syntax error is a ConfigError naming the file and line."""
+    config = load_config_file(configfile)
+    validate_config(config)
+    return config
+
+
 def validate_config(config: dict[str, Any]) -> None:
     """Check ``config`` against the schema (one line naming the key), fill the schema's
     defaults in place, then the cross-key checks. Raises ConfigError."""

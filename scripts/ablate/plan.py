@@ -33,9 +33,8 @@ from ablate.config import (
     ConfigError,
     evaluation_chunks,
     figure_evaluations,
-    load_config_file,
+    load_config,
     task_settings,
-    validate_config,
 )
 from ablate.cost import (
     Rates,
@@ -67,14 +66,6 @@ from ablate.tokens import (
     stand_in_dir,
     stand_in_scale,
 )
-
-
-def load_config(configfile: Path) -> dict[str, Any]:
-    """The config as the workflow sees it: validated, the schema's defaults filled in; a key
-    given twice or a syntax error is a ConfigError naming the file and line."""
-    config = load_config_file(configfile)
-    validate_config(config)
-    return config
 
 
 def figure_targets(config: dict[str, Any], targets: list[str]) -> list[str]:

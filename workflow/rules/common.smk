@@ -85,7 +85,6 @@ def alternatives(names):
 
 wildcard_constraints:
     model=alternatives(config["models"]),
-    source=alternatives(config["models"]),
     task=alternatives(config["tasks"]),
     figure=alternatives(config["figures"]),
 
