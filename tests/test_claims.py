@@ -221,18 +221,19 @@ def test_shipped_qwen3_layer_claims_take_the_most_affected_layer():
         assert result["verdict"] == "does not hold"
 
 
-def test_shipped_kv_claim_covers_every_layer_past_the_first_four():
-    """Fig 5's "Δ close to zero beyond the lower layers" includes the last layer (31)."""
+def test_shipped_kv_claim_covers_every_layer_past_the_first_five():
+    """Fig 5's "Δ close to zero beyond the lower layers" includes the last layer (31), and reads
+    "lower layers" as the model-agnostic claim does (l < 0.15L: 0-4)."""
     claim = next(
         c for c in load_claims(SHIPPED) if c.id == "kv_retrieval_llama31_past_first_layers"
     )
-    early_only = figure_frame([-0.8] * 4 + [-0.01] * 28, significant=[True] * 4 + [False] * 28)
+    early_only = figure_frame([-0.8] * 5 + [-0.01] * 27, significant=[True] * 5 + [False] * 27)
     result = check_claims([claim], {"fig5": early_only}, {"fig5": {"llama31_8b"}}).iloc[0]
     assert (result["reproduced_value"], result["verdict"]) == (0, "holds")
-    for layer in (4, 31):
-        significant = [True] * 4 + [False] * 28
+    for layer in (5, 31):
+        significant = [True] * 5 + [False] * 27
         significant[layer] = True
-        frame = figure_frame([-0.8] * 4 + [-0.01] * 28, significant=significant)
+        frame = figure_frame([-0.8] * 5 + [-0.01] * 27, significant=significant)
         result = check_claims([claim], {"fig5": frame}, {"fig5": {"llama31_8b"}}).iloc[0]
         assert (result["reproduced_value"], result["verdict"]) == (1, "does not hold")
 
