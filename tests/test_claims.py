@@ -168,11 +168,12 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 
 def paper_skeleton(config: dict, figure: str) -> pd.DataFrame:
-    """The CSV rows the paper config gives a figure (every unit, Δ 0, nothing significant)."""
+    """The CSV rows the paper config gives a figure (every unit, Δ −0.01 so that every unit has
+    a share of the series' drop, nothing significant)."""
     rows = [
         {"figure": run.figure, "panel": run.panel, "series": run.series, "model": run.model,
          "task": run.task, "metric": run.metric, "ablation_kind": run.kind, "layer": run.layer,
-         "head": run.head, "ablation": run.ablation, "score": 0.5, "baseline": 0.5, "delta": 0.0,
+         "head": run.head, "ablation": run.ablation, "score": 0.49, "baseline": 0.5, "delta": -0.01,
          "p_holm": 1.0, "significant": False}
         for run in figure_runs(config, figure)
     ]  # fmt: skip
@@ -589,3 +590,18 @@ def test_shipped_model_agnostic_claims_apply_to_the_demo_model():
     floored = {figure: frame.assign(baseline=0.0, score=0.0) for figure, frame in frames.items()}
     result = check_claims(claims, floored, models, num_layers)
     assert (result["verdict"] == "not comparable: baseline at floor").all()
+
+
+def test_drop_share_is_the_units_part_of_the_series_drop():
+    """Figs 1-2 "concentrated in the earliest layers": the early layers' part of all the drop,
+    gains not offsetting it; a series that drops nowhere is not comparable."""
+    claim = with_predicate(KV_FIRST, layers=[0, 1], statistic="drop_share", op=">=", value=0.5)
+    concentrated = figure_frame([-0.3, -0.2, 0.05, -0.1, 0.0, -0.1])
+    result = verdicts([claim], concentrated).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.5 / 0.7), "holds")
+    spread = figure_frame([-0.1, -0.1, -0.1, -0.1, -0.1, -0.1])
+    assert verdicts([claim], spread).loc["kv_first", "verdict"] == "does not hold"
+    flat = figure_frame([0.0, 0.1, 0.0, 0.0, 0.0, 0.0])
+    assert verdicts([claim], flat).loc["kv_first", "verdict"] == "not comparable"
+    with pytest.raises(ValueError, match="quantity must be delta"):
+        parse_claim(with_predicate(claim, quantity="score"))

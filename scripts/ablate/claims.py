@@ -2,8 +2,9 @@
 
 A claim selects one series of one figure CSV (metric, optionally panel and series) and a set of
 ablated units (layers, or ``depth``: a range of fractions of the model's layers; heads), reduces a
-quantity of theirs (Δ, ablated score or baseline) with a statistic (min, max, mean, or the count of
-Holm-significant drops or gains) and compares it with a threshold. With ``than`` it compares the
+quantity of theirs (Δ, ablated score or baseline) with a statistic (min, max, mean, the count of
+Holm-significant drops or gains, or their share of the series' whole drop) and compares it with a
+threshold. With ``than`` it compares the
 difference between its statistic and that of a second selection (another series, figure or set of
 units). The verdict is "holds", "does not hold", or "not comparable" when a selection is about
 another model than the claim's (the demo's stand-in), or lacks the figure or the units it names.
@@ -29,7 +30,8 @@ import yaml
 
 # Counted units: significant (Holm-corrected, column `significant`) with Δ of this sign.
 SIGNIFICANCE = {"significant_drops": -1, "significant_gains": 1}
-STATISTICS = ("min", "max", "mean", *SIGNIFICANCE)
+DROP_SHARE = "drop_share"  # the units' Σ min(Δ, 0) over the series' Σ min(Δ, 0): "concentrated"
+STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, DROP_SHARE)
 QUANTITIES = ("delta", "score", "baseline")
 OPS: dict[str, Callable[[float, Any], bool]] = {
     "<=": operator.le,
@@ -180,7 +182,7 @@ def _parse_selection(
         raise fail(f"{prefix}statistic", f"{fields['statistic']!r} not in {STATISTICS}")
     if fields["quantity"] not in QUANTITIES:
         raise fail(f"{prefix}quantity", f"{fields['quantity']!r} not in {QUANTITIES}")
-    if fields["statistic"] in SIGNIFICANCE and fields["quantity"] != "delta":
+    if fields["statistic"] in (*SIGNIFICANCE, DROP_SHARE) and fields["quantity"] != "delta":
         raise fail(f"{prefix}quantity", f"{fields['statistic']} counts Δs; quantity must be delta")
     panel, series = fields.get("panel"), fields.get("series")
     if panel is not None and not _is_index(panel):
@@ -349,7 +351,7 @@ def _reduce(
     if not len(units):
         return math.nan, NOT_COMPARABLE, series
     in_config = model in figure_models.get(selection.figure, set())
-    value = _statistic(selection, units)
+    value = _statistic(selection, units, series)
     if not (complete and in_config and set(units["model"]) == {model}):
         return value, NOT_COMPARABLE, series
     if selection.floor is not None and series["baseline"].max() <= selection.floor:
@@ -357,7 +359,10 @@ def _reduce(
     return value, None, series
 
 
-def _statistic(selection: Selection, units: pd.DataFrame) -> float:
+def _statistic(selection: Selection, units: pd.DataFrame, series: pd.DataFrame) -> float:
+    if selection.statistic == DROP_SHARE:  # NaN where the series drops nowhere
+        total = series["delta"].clip(upper=0).sum(skipna=False)
+        return float(units["delta"].clip(upper=0).sum(skipna=False) / total) if total else math.nan
     sign = SIGNIFICANCE.get(selection.statistic)
     if sign is None:
         return float(getattr(units[selection.quantity], selection.statistic)(skipna=False))
