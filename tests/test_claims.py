@@ -605,3 +605,14 @@ def test_drop_share_is_the_units_part_of_the_series_drop():
     assert verdicts([claim], flat).loc["kv_first", "verdict"] == "not comparable"
     with pytest.raises(ValueError, match="quantity must be delta"):
         parse_claim(with_predicate(claim, quantity="score"))
+
+
+def test_half_drop_units_is_the_sparse_subset_carrying_half_the_drop():
+    """Figs 13, 16-18 "a sparse subset of heads": the fewest units carrying half of the drop."""
+    claim = with_predicate(KV_FIRST, layers=None, statistic="half_drop_units", op="<=", value=0.25)
+    sparse = figure_frame([-0.6, 0.0, -0.05, 0.0, -0.05, 0.0, 0.02, -0.1])  # -0.6 of -0.8: 1 unit
+    result = verdicts([claim], sparse).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(1 / 8), "holds")
+    even = figure_frame([-0.1] * 8)  # half the drop takes 4 of 8 units
+    result = verdicts([claim], even).loc["kv_first"]
+    assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.5), "does not hold")

@@ -31,7 +31,10 @@ import yaml
 # Counted units: significant (Holm-corrected, column `significant`) with Δ of this sign.
 SIGNIFICANCE = {"significant_drops": -1, "significant_gains": 1}
 DROP_SHARE = "drop_share"  # the units' Σ min(Δ, 0) over the series' Σ min(Δ, 0): "concentrated"
-STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, DROP_SHARE)
+# The smallest fraction of the units whose drops carry half of their Σ min(Δ, 0): "a sparse subset"
+HALF_DROP_UNITS = "half_drop_units"
+DROP_STATISTICS = (DROP_SHARE, HALF_DROP_UNITS)
+STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, *DROP_STATISTICS)
 QUANTITIES = ("delta", "score", "baseline")
 OPS: dict[str, Callable[[float, Any], bool]] = {
     "<=": operator.le,
@@ -182,7 +185,7 @@ def _parse_selection(
         raise fail(f"{prefix}statistic", f"{fields['statistic']!r} not in {STATISTICS}")
     if fields["quantity"] not in QUANTITIES:
         raise fail(f"{prefix}quantity", f"{fields['quantity']!r} not in {QUANTITIES}")
-    if fields["statistic"] in (*SIGNIFICANCE, DROP_SHARE) and fields["quantity"] != "delta":
+    if fields["statistic"] in (*SIGNIFICANCE, *DROP_STATISTICS) and fields["quantity"] != "delta":
         raise fail(f"{prefix}quantity", f"{fields['statistic']} counts Δs; quantity must be delta")
     panel, series = fields.get("panel"), fields.get("series")
     if panel is not None and not _is_index(panel):
@@ -360,9 +363,15 @@ def _reduce(
 
 
 def _statistic(selection: Selection, units: pd.DataFrame, series: pd.DataFrame) -> float:
+    drops = units["delta"].clip(upper=0)
     if selection.statistic == DROP_SHARE:  # NaN where the series drops nowhere
         total = series["delta"].clip(upper=0).sum(skipna=False)
-        return float(units["delta"].clip(upper=0).sum(skipna=False) / total) if total else math.nan
+        return float(drops.sum(skipna=False) / total) if total else math.nan
+    if selection.statistic == HALF_DROP_UNITS:
+        if drops.isna().any() or not drops.sum():
+            return math.nan
+        carried = drops.sort_values().cumsum() / drops.sum()  # largest drops first
+        return float(((carried < 0.5).sum() + 1) / len(drops))
     sign = SIGNIFICANCE.get(selection.statistic)
     if sign is None:
         return float(getattr(units[selection.quantity], selection.statistic)(skipna=False))
