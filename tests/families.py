@@ -185,6 +185,15 @@ def with_o_proj_from(model, anatomy: Anatomy, source, layers: range):
     return edited
 
 
+def with_layers_from(model, anatomy: Anatomy, source, layers: range):
+    """The model with its decoder blocks ``layers`` replaced by the source model's, as the
+    paper's released layer_change.py swaps them."""
+    edited = copy.deepcopy(model)
+    for layer in layers:
+        anatomy.blocks(edited)[layer] = copy.deepcopy(anatomy.blocks(source)[layer])
+    return edited
+
+
 KINDS = ("layer", "attn", "mlp", "head", "oproj")
 
 

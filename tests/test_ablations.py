@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import families
-from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.ablations import Ablation, ablated, load_source_tensors
 from ablate.anatomy import Anatomy
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -113,12 +113,14 @@ def test_kv_group_silences_the_whole_group(model, batch):
 @pytest.mark.parametrize("ablation_id", ["oproj4_from_demo", "oprojcum4_from_demo"])
 def test_o_proj_replacement_equals_edited_weights(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    source = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
-    assert sorted(source) == list(ablation.replaced_layers)
+    source = load_source_tensors(perturbed_dir, Anatomy.of(model), [ablation])
+    assert sorted(source) == sorted(
+        f"model.layers.{layer}.self_attn.o_proj.weight" for layer in ablation.replaced_layers
+    )
     edited = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, weight in source.items():
-            decoder_layers(edited)[layer].self_attn.o_proj.weight.copy_(weight)
+        for key, weight in source.items():
+            edited.get_parameter(key).copy_(weight)
     with ablated(model, ablation, source):
         hooked = logits(model, batch)
     assert torch.equal(hooked, logits(edited, batch))
@@ -126,11 +128,20 @@ def test_o_proj_replacement_equals_edited_weights(model, batch, perturbed_dir, a
 
 
 @pytest.mark.parametrize(
-    "ablation_id", ["layer2", "head2.3", "kvgroup2.1", "oproj2_from_demo", "oprojcum2_from_demo"]
+    "ablation_id",
+    [
+        "layer2",
+        "head2.3",
+        "kvgroup2.1",
+        "oproj2_from_demo",
+        "oprojcum2_from_demo",
+        "layerswap2_from_demo",
+        "layerswapcum2_from_demo",
+    ],
 )
 def test_ablation_is_removed_cleanly(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    source = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
+    source = load_source_tensors(perturbed_dir, Anatomy.of(model), [ablation])
     before_state, before_logits = state_snapshot(model), logits(model, batch)
     with ablated(model, ablation, source):
         logits(model, batch)

@@ -115,7 +115,7 @@ CASES = {
     ),
     "o_proj shapes differ": (
         lambda c: c["models"]["smollm2_noisy_oproj"].update(num_layers=24),
-        r"o_proj replacement needs equal shapes, but smollm2_noisy_oproj and smollm2 differ in num_layers",
+        r"oproj needs equal shapes, but smollm2_noisy_oproj and smollm2 differ in num_layers",
     ),
     "kv_group without GQA": (
         lambda c: (

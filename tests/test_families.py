@@ -19,6 +19,7 @@ from ablate.ablations import (
     check_weight_edits_exact,
     silenced_heads,
     weight_edited,
+    weight_edits,
 )
 from ablate.anatomy import Anatomy, anatomy_from_config
 from ablate.proxy import layer_proxies
@@ -31,6 +32,7 @@ from families import (
     family_config,
     supported_table,
     with_heads_zeroed,
+    with_layers_from,
     with_o_proj_from,
     without_layer,
     without_sublayer,
@@ -44,6 +46,8 @@ UNITS = (
     "kvgroup1.0",
     "oproj1_from_src",
     "oprojcum1_from_src",
+    "layerswap1_from_src",
+    "layerswapcum1_from_src",
 )
 PROMPT = torch.tensor([[5, 17, 33, 8, 91, 12, 44, 7, 63, 21, 38, 9, 70, 15]])  # > WINDOW tokens
 # Requests whose context + continuation is longer than WINDOW; contexts shared by options.
@@ -72,7 +76,19 @@ def reference(model, source, anatomy: Anatomy, ablation: Ablation):
     if ablation.kind in ("head", "kv_group"):
         heads = silenced_heads(ablation, anatomy.arch)
         return with_heads_zeroed(model, anatomy, ablation.layer, heads)
+    if ablation.kind in ("layer_swap", "layer_swap_cumulative"):
+        return with_layers_from(model, anatomy, source, ablation.replaced_layers)
     return with_o_proj_from(model, anatomy, source, ablation.replaced_layers)
+
+
+def source_tensors(source, anatomy: Anatomy, units) -> dict:
+    """The source model's tensors the units take, by state-dict key."""
+    return {
+        edit.key: source.get_parameter(edit.key)
+        for unit in units
+        for edit in weight_edits(unit, anatomy)
+        if edit.from_source
+    }
 
 
 def loglikelihoods(model) -> list[float]:
@@ -122,11 +138,7 @@ def test_hook_and_weight_edit_equal_the_ablation_by_hand(family, unit):
     by_hand = reference(model, source, anatomy, ablation)
     expected, expected_tokens = logits(by_hand), greedy(by_hand)
     assert not close(expected, logits(model)), f"{name}: {unit} changes nothing here"
-    source_weights = {
-        layer: anatomy.blocks(source)[layer].get_submodule(anatomy.attention_out).weight
-        for layer in ablation.replaced_layers
-    }
-    with ablated(model, ablation, source_weights):
+    with ablated(model, ablation, source_tensors(source, anatomy, [ablation])):
         assert close(logits(model), expected), f"{name}: hook {unit}"
         assert torch.equal(greedy(model), expected_tokens), f"{name}: hook {unit} generation"
     edits = weight_edits_of(model, ablation)  # exact on every family of the matrix
@@ -147,11 +159,8 @@ def test_sweep_equals_each_ablation_scored_alone(family):
         units = [u for u in units if u.kind != "kv_group"]
     if (blocker := anatomy.sweep_blocker) is not None:
         pytest.skip(f"{name}: the sweep is off ({blocker}); lm-eval's HFLM scores it")
-    source_weights = {
-        layer: anatomy.blocks(source)[layer].get_submodule(anatomy.attention_out).weight
-        for layer in range(anatomy.arch.num_layers)
-    }
-    swept = sweep_loglikelihoods(model, REQUESTS, units, source_weights, 4, 64)
+    swept = sweep_loglikelihoods(model, REQUESTS, units, source_tensors(source, anatomy, units),
+                                 4, 64)  # fmt: skip
     for unit in units:
         by_hand = model if unit.kind == "base" else reference(model, source, anatomy, unit)
         expected = loglikelihoods(by_hand)
@@ -197,11 +206,8 @@ def test_flex_attention_sweep_shares_contexts_exactly(name, monkeypatch):
     monkeypatch.setattr(WrappedFlexAttention, "_is_flex_compiled", False)
     model, source = build(name), build(name, seed=1)
     anatomy = Anatomy.of(model)
-    source_weights = {
-        layer: anatomy.blocks(source)[layer].get_submodule(anatomy.attention_out).weight
-        for layer in range(anatomy.arch.num_layers)
-    }
     units = [Ablation.parse("base"), *(Ablation.parse(u) for u in UNITS)]
+    source_weights = source_tensors(source, anatomy, units)
     expected = {
         unit.id: loglikelihoods(
             model if unit.kind == "base" else reference(model, source, anatomy, unit)

@@ -10,7 +10,7 @@ from ablate.ablations import (
     Ablation,
     WeightEdit,
     ablated,
-    load_o_proj_weights,
+    load_source_tensors,
     load_tensors,
     weight_edited,
     weight_edits,
@@ -63,11 +63,12 @@ def test_zeroed_o_proj_columns_equal_head_hooks(model, batch, ablation_id):
 @pytest.mark.parametrize("ablation_id", ["oproj4_from_demo", "oprojcum4_from_demo"])
 def test_source_tensors_equal_o_proj_swap(model, batch, perturbed_dir, ablation_id):
     ablation = Ablation.parse(ablation_id)
-    by_layer = load_o_proj_weights(perturbed_dir, Anatomy.of(model), ablation.replaced_layers)
+    source = load_source_tensors(perturbed_dir, Anatomy.of(model), [ablation])
     by_key = load_tensors(perturbed_dir, map(o_proj_key, ablation.replaced_layers))
+    assert source.keys() == by_key.keys()
     with weight_edited(model, ablation, by_key):
         edited = logits(model, batch)
-    with ablated(model, ablation, by_layer):
+    with ablated(model, ablation, source):
         swapped = logits(model, batch)
     assert torch.equal(edited, swapped)
 

@@ -13,7 +13,12 @@ a short id that is also its results folder (config kind in brackets):
 ``kvgroup{L}.{G}``           [kv_group] silence every query head reading KV head G of layer L
 ``oproj{L}_from_{M}``        [oproj] layer L's ``self_attn.o_proj`` weight taken from model M
 ``oprojcum{L}_from_{M}``     [oproj_cumulative] ``self_attn.o_proj`` of layers 0..L from model M
+``layerswap{L}_from_{M}``    [layer_swap] every tensor of decoder layer L taken from model M
+``layerswapcum{L}_from_{M}`` [layer_swap_cumulative] every tensor of layers 0..L from model M
 ===========================  ==================================================================
+
+The paper's text replaces ``o_proj`` (its W_o); its released ``layer_change.py`` swaps whole
+decoder layers. Both are kinds here, so a figure can draw one beside the other.
 
 Layer and head indices are 0-based, in the text decoder's block list. ``o_proj`` stands for
 the projection writing a block's attention output into the residual stream (GPT-NeoX
@@ -24,8 +29,8 @@ Every ablation also has an exact weight-edit form (:func:`weight_edits`), for en
 cannot reach the forward pass (vLLM): a skipped layer's attention and MLP output projections are
 zeroed, weights and biases (every expert's in a mixture of experts), so the block adds exactly 0
 to the residual stream (``attn``/``mlp`` zero one of the two); a silenced head's input features
-of ``o_proj`` are zeroed (its bias stays, as under the hook); a replaced ``o_proj`` weight is the
-source's tensor.
+of ``o_proj`` are zeroed (its bias stays, as under the hook); a replaced ``o_proj`` weight (or a
+swapped layer's every tensor) is the source's tensor.
 """
 
 from __future__ import annotations
@@ -53,14 +58,21 @@ ID_PREFIX = {
     "kv_group": "kvgroup",
     "oproj": "oproj",
     "oproj_cumulative": "oprojcum",
+    "layer_swap": "layerswap",
+    "layer_swap_cumulative": "layerswapcum",
 }
 HEAD_KINDS = ("head", "kv_group")  # units within one layer's attention
-SOURCE_KINDS = ("oproj", "oproj_cumulative")  # units that take tensors from a source model
+# Units that take tensors from a source model: its o_proj weights, or whole layers.
+O_PROJ_KINDS = ("oproj", "oproj_cumulative")
+LAYER_SWAP_KINDS = ("layer_swap", "layer_swap_cumulative")
+SOURCE_KINDS = (*O_PROJ_KINDS, *LAYER_SWAP_KINDS)
+CUMULATIVE_KINDS = ("oproj_cumulative", "layer_swap_cumulative")  # layers 0..L
 SUBLAYERS = ("attn", "mlp")  # sublayer kinds: the anatomy names each one's module
 CONFIG_KINDS = (*ID_PREFIX, "paper_head")
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
 ABLATION_PATTERN = (
-    r"base|(?:layer|attn|mlp)\d+|(?:head|kvgroup)\d+\.\d+|oproj(?:cum)?\d+_from_[a-z0-9_]+"
+    r"base|(?:layer|attn|mlp)\d+|(?:head|kvgroup)\d+\.\d+|"
+    r"(?:oproj|layerswap)(?:cum)?\d+_from_[a-z0-9_]+"
 )
 _PARSE = re.compile(
     r"^(?:(?P<base>base)|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?"
@@ -75,7 +87,7 @@ class Ablation:
     kind: str
     layer: int | None = None
     head: int | None = None  # query head (head) or KV group (kv_group)
-    source: str | None = None  # model id providing the o_proj tensors (oproj kinds)
+    source: str | None = None  # model id providing the tensors (source kinds)
 
     @classmethod
     def parse(cls, ablation_id: str) -> Ablation:
@@ -101,11 +113,12 @@ class Ablation:
 
     @property
     def replaced_layers(self) -> range:
-        """Layers whose o_proj the source model provides (empty for non-replacement kinds)."""
-        if self.kind == "oproj":
-            return range(self.layer, self.layer + 1)
-        if self.kind == "oproj_cumulative":
+        """Layers whose o_proj (or every tensor) the source model provides (empty for the
+        kinds that take nothing from a source)."""
+        if self.kind in CUMULATIVE_KINDS:
             return range(self.layer + 1)
+        if self.kind in SOURCE_KINDS:
+            return range(self.layer, self.layer + 1)
         return range(0)
 
     def first_changed_layer(self, num_layers: int) -> int:
@@ -246,8 +259,13 @@ def weight_edits(ablation: Ablation, anatomy: Anatomy) -> list[WeightEdit]:
             )
         ]
     return [
-        WeightEdit(anatomy.attention_out_weight(layer), from_source=True)
+        WeightEdit(key, from_source=True)
         for layer in ablation.replaced_layers
+        for key in (
+            anatomy.block_parameters(layer)
+            if ablation.kind in LAYER_SWAP_KINDS
+            else [anatomy.attention_out_weight(layer)]
+        )
     ]
 
 
@@ -316,13 +334,13 @@ def load_tensors(checkpoint_dir: Path, keys: Iterable[str]) -> dict[str, torch.T
     return found
 
 
-def load_o_proj_weights(
-    checkpoint_dir: Path, anatomy: Anatomy, layers: Iterable[int]
-) -> dict[int, torch.Tensor]:
-    """The attention output projection weights of ``layers`` from a safetensors checkpoint."""
-    layers = list(layers)
-    tensors = load_tensors(checkpoint_dir, map(anatomy.attention_out_weight, layers))
-    return {layer: tensors[anatomy.attention_out_weight(layer)] for layer in layers}
+def load_source_tensors(
+    checkpoint_dir: Path, anatomy: Anatomy, ablations: Iterable[Ablation]
+) -> dict[str, torch.Tensor]:
+    """The source model's tensors the ``ablations`` take (by state-dict key), read from its
+    safetensors checkpoint: o_proj weights, or every tensor of a swapped layer."""
+    keys = {e.key for a in ablations for e in weight_edits(a, anatomy) if e.from_source}
+    return load_tensors(checkpoint_dir, keys)
 
 
 def _skip_layer(module, args, kwargs, output):
@@ -353,12 +371,12 @@ def _zero_heads_hook(heads: range, head_width: int):
 def ablated(
     model: nn.Module,
     ablation: Ablation,
-    source_o_proj: Mapping[int, torch.Tensor] | None = None,
+    source: Mapping[str, torch.Tensor] | None = None,
     anatomy: Anatomy | None = None,
 ) -> Iterator[None]:
     """Apply ``ablation`` to ``model`` for the duration of the block; always undone on exit.
-    ``source_o_proj``: layer -> the source's attention output projection weight (o_proj kinds);
-    ``anatomy``: the model's, where the caller has it."""
+    ``source``: state-dict key -> the source model's tensor, for the source kinds (what
+    :func:`load_source_tensors` reads); ``anatomy``: the model's, where the caller has it."""
     anatomy = anatomy or Anatomy.of(model)
     check_in_range(ablation, anatomy.arch)
     blocks = anatomy.blocks(model)
@@ -377,21 +395,21 @@ def ablated(
             hook = _zero_heads_hook(silenced_heads(ablation, anatomy.arch), anatomy.head_width)
             handles.append(out.register_forward_pre_hook(hook))
         elif ablation.kind in SOURCE_KINDS:
-            if source_o_proj is None:
-                raise ValueError(f"{ablation.id} needs the source model's o_proj weights")
-            for layer in ablation.replaced_layers:
-                weight = blocks[layer].get_submodule(anatomy.attention_out).weight
-                replacement = source_o_proj[layer]
-                if replacement.shape != weight.shape:
+            for edit in weight_edits(ablation, anatomy):
+                if source is None or edit.key not in source:
+                    raise ValueError(f"{ablation.id} needs {edit.key} of {ablation.source}")
+                parameter = model.get_parameter(edit.key)
+                replacement = source[edit.key]
+                if replacement.shape != parameter.shape:
                     raise ValueError(
-                        f"{ablation.id}: o_proj of layer {layer} has shape "
-                        f"{tuple(replacement.shape)} in {ablation.source}, {tuple(weight.shape)} here"
+                        f"{ablation.id}: {edit.key} has shape {tuple(replacement.shape)} in "
+                        f"{ablation.source}, {tuple(parameter.shape)} here"
                     )
-                swapped.append((weight, weight.data))
-                weight.data = replacement.to(dtype=weight.dtype, device=weight.device)
+                swapped.append((parameter, parameter.data))
+                parameter.data = replacement.to(dtype=parameter.dtype, device=parameter.device)
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for weight, original in swapped:
-            weight.data = original
+        for parameter, original in swapped:
+            parameter.data = original

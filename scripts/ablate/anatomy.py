@@ -123,6 +123,7 @@ class Anatomy:
     # Per layer, the parameters writing the MLP's output (every expert's), e.g. mlp.down_proj.weight,
     # mlp.experts.down_proj, mlp.shared_expert.down_proj.weight (DeepSeek: dense, then MoE layers)
     mlp_out: tuple[tuple[str, ...], ...]
+    block_params: tuple[tuple[str, ...], ...]  # per layer, every parameter of its block
     arch: Architecture
     head_width: int  # input columns of attention_out per query head (MLA: v_head_dim)
     conv1d_out: bool  # attention_out is a GPT-2 Conv1D: its weight is (in, out)
@@ -190,6 +191,9 @@ class Anatomy:
             ),
             mlp=mlp,
             mlp_out=mlp_out,
+            block_params=tuple(
+                tuple(name for name, _ in layer.named_parameters()) for layer in block
+            ),
             arch=arch,
             head_width=in_features // arch.num_heads,
             conv1d_out=conv1d,
@@ -208,6 +212,10 @@ class Anatomy:
     def attention_out_weight(self, layer: int) -> str:
         """The state-dict key of layer ``layer``'s attention output projection weight."""
         return f"{self.block_name(layer)}.{self.attention_out}.weight"
+
+    def block_parameters(self, layer: int) -> list[str]:
+        """State-dict keys of every parameter of block ``layer`` (a whole-layer swap's)."""
+        return [f"{self.block_name(layer)}.{name}" for name in self.block_params[layer]]
 
     def out_parameters(self, layer: int, sublayer: str) -> list[str]:
         """State-dict keys of the parameters that write ``sublayer``'s (attn or mlp) output into

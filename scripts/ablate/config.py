@@ -208,6 +208,14 @@ def evaluation_backends(config: dict[str, Any]) -> dict[tuple[str, str], str]:
                     f"{key}: {backend} does not run {task['protocol']} tasks, and task "
                     f"{series['task']} is one (allowed: {_allowed(serving(task['protocol']))})"
                 )
+            kind = series_ablation(figure, series)["kind"]
+            if kind in BACKENDS[backend].refused_kinds:
+                usable = [name for name, b in BACKENDS.items() if kind not in b.refused_kinds]
+                raise ConfigError(
+                    f"{key}: {backend} cannot apply {kind} ablations exactly, and figure "
+                    f"{figure_id} sweeps them on task {series['task']} (allowed: "
+                    f"{_allowed(usable)}; or define a second task)"
+                )
             pair = (series["model"], series["task"])
             first = chosen.setdefault(pair, (backend, key))
             if first[0] != backend:
@@ -306,11 +314,11 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
         shape = ("num_layers", "num_heads", "num_kv_heads")
         if any(config["models"][source][k] != model[k] for k in shape):
             raise ConfigError(
-                f"{key}.source: o_proj replacement needs equal shapes, but {source} and {model_id} "
+                f"{key}.source: {kind} needs equal shapes, but {source} and {model_id} "
                 f"differ in {_allowed(k for k in shape if config['models'][source][k] != model[k])}"
             )
     elif ablation.get("source") is not None:
-        raise ConfigError(f"{key}.source: only oproj and oproj_cumulative take a source model")
+        raise ConfigError(f"{key}.source: only {_allowed(SOURCE_KINDS)} take a source model")
 
 
 # The workflow's own rule names: a figure of one of these names (each figure is a rule too)

@@ -9,7 +9,7 @@ weights on the device, then per attention kernel (sdpa's 4D masks; flex_attentio
 and request shape (MMLU-like: a 128-token context and four one-token letters; HellaSwag-like: 64
 tokens and four 32-token endings) at the config's batch size:
 
-* **exact**: the shared-prefix sweep (base and seven kinds of unit in one pass) against one plain
+* **exact**: the shared-prefix sweep (base and nine units of eight kinds in one pass) against one plain
   forward per unit with the ablation's hooks, each option a full sequence (lm-eval's way): the
   largest log-likelihood difference per continuation token, and greedy flags that differ where
   the plain forward's margin between its best token and the next one exceeds the tolerance;
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ablate.ablations import Ablation, ablated
+from ablate.ablations import Ablation, ablated, weight_edits
 from ablate.anatomy import Anatomy
 from ablate.sweep import sweep_loglikelihoods
 
@@ -49,7 +49,7 @@ BATCH_SIZE = 32  # config.yaml's log-likelihood tasks
 # sums are added in another order (shared prefix vs full sequence); float32 moves by ~1e-5.
 TOLERANCE = {torch.bfloat16: 0.1, torch.float32: 1e-4}
 UNITS = ("layer0", "layer{mid}", "layer{last}", "attn{mid}", "mlp{mid}", "head{mid}.0",
-         "kvgroup{mid}.0", "oproj{mid}_from_perturbed")  # fmt: skip
+         "kvgroup{mid}.0", "oproj{mid}_from_perturbed", "layerswap{mid}_from_perturbed")  # fmt: skip
 
 
 def build(shape: str, tiny: bool, dtype: torch.dtype, device: str, attention: str):
@@ -148,7 +148,7 @@ def exactness(model, anatomy: Anatomy, units, source, batch, tolerance: float) -
         effects[unit.id] = max(abs(r[0] - b[0]) / len(o)
                                for r, b, (_, o) in zip(reference, base, batch, strict=True))  # fmt: skip
     greedy_options = sum(greedy for _, greedy, _ in base)
-    layer_effect = min(effect for unit, effect in effects.items() if unit.startswith("layer"))
+    layer_effect = min(e for u, e in effects.items() if Ablation.parse(u).kind == "layer")
     return {
         "max_loglik_diff_per_token": worst,
         "greedy_flips_beyond_tolerance": flips,
@@ -187,13 +187,15 @@ def check_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     anatomy = Anatomy.of(model)
     layers = anatomy.arch.num_layers
     params_b = sum(p.numel() for p in model.parameters()) / 1e9
-    source = {  # an o_proj source of the same shapes: this model's weights, perturbed
-        layer: anatomy.blocks(model)[layer].get_submodule(anatomy.attention_out).weight * 1.01
-        for layer in range(layers)
-    }
     units = [Ablation.parse("base")] + [
         Ablation.parse(u.format(mid=layers // 2, last=layers - 1)) for u in UNITS
     ]
+    source = {  # a source model of the same shapes: this model's tensors, perturbed
+        edit.key: model.get_parameter(edit.key) * 1.01
+        for unit in units
+        for edit in weight_edits(unit, anatomy)
+        if edit.from_source
+    }
     result: dict[str, Any] = {"params_b": round(params_b, 3), "layers": layers, "kernels": {}}
     batches = {}
     for name, request_shape in REQUEST_SHAPES.items():

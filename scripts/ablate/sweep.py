@@ -187,7 +187,7 @@ def sweep_loglikelihoods(
     model,
     requests: Sequence[Request],
     ablations: Sequence[Ablation],
-    source_o_proj: Mapping[int, torch.Tensor] | None,
+    source: Mapping[str, torch.Tensor] | None,
     batch_size: int,
     max_length: int,
     softmax_dtype: torch.dtype | None = None,
@@ -196,7 +196,7 @@ def sweep_loglikelihoods(
     answers: dict[str, list[Answer | None]] = {a.id: [None] * len(requests) for a in ablations}
     anatomy = sweepable(model)
     for batch in plan_batches(requests, batch_size, max_length, shares_contexts(model)):
-        scored = score_batch(model, anatomy, batch, ablations, source_o_proj, softmax_dtype)
+        scored = score_batch(model, anatomy, batch, ablations, source, softmax_dtype)
         for ablation_id, batch_answers in scored.items():
             for index, answer in zip(batch.owners, batch_answers, strict=True):
                 answers[ablation_id][index] = answer
@@ -432,7 +432,7 @@ def score_batch(
     anatomy: Anatomy,
     batch: Batch,
     ablations: Sequence[Ablation],
-    source_o_proj: Mapping[int, torch.Tensor] | None,
+    source: Mapping[str, torch.Tensor] | None,
     softmax_dtype: torch.dtype | None = None,
 ) -> dict[str, list[Answer]]:
     """Per ablation id, the answers of ``batch.rows``: the unablated model runs upward once and
@@ -445,7 +445,7 @@ def score_batch(
     for first, _, ablation in branches:
         hidden = run_layers(blocks, hidden, reached, first, calls)
         reached, lowest = first, ablation.first_run_layer(len(blocks))
-        with ablated(model, ablation, source_o_proj, anatomy):
+        with ablated(model, ablation, source, anatomy):
             top = run_layers(blocks, hidden, lowest, len(blocks), calls)
         spans = []
         for option, continuation in batch.rows:
@@ -543,7 +543,7 @@ class PrefixSweep:
 
     model: Any
     ablations: list[Ablation]
-    source_o_proj: Mapping[int, torch.Tensor] | None
+    source: Mapping[str, torch.Tensor] | None
     batch_size: int
     max_length: int
     softmax_dtype: torch.dtype | None = None
@@ -607,7 +607,7 @@ class PrefixSweep:
         start = time.perf_counter()
         for done, batch in enumerate(batches, 1):
             scored = score_batch(
-                self.model, self.anatomy, batch, pending, self.source_o_proj, self.softmax_dtype
+                self.model, self.anatomy, batch, pending, self.source, self.softmax_dtype
             )
             keys = [requests[index][0] for index in batch.owners]
             for ablation_id, answers in scored.items():

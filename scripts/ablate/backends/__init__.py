@@ -50,6 +50,7 @@ class Backend:
     prior_rates: dict[tuple[str, str], float]
     job_overhead_s: dict[str, float]  # start-up, model load, task build per job, by device kind
     own_interpreter: bool = False  # runs under evaluation.<name>.python (pins its own packages)
+    refused_kinds: tuple[str, ...] = ()  # ablation kinds it cannot apply exactly
 
 
 BACKENDS: dict[str, Backend] = {
@@ -85,6 +86,9 @@ BACKENDS: dict[str, Backend] = {
         # graph capture, a prior
         job_overhead_s={"cpu": 35.0, "cuda": 150.0},
         own_interpreter=True,
+        # A whole-layer swap also reloads fused q/k/v, gate/up and norm tensors, which the
+        # per-module probe of its weight edits cannot check one by one.
+        refused_kinds=("layer_swap", "layer_swap_cumulative"),
     ),
 }
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ablate.ablations import Ablation, ablated, load_o_proj_weights
+from ablate.ablations import Ablation, ablated, load_source_tensors
 from ablate.anatomy import Anatomy
 from ablate.job import Job
 from ablate.models import load_model
@@ -93,15 +93,15 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     model, tokenizer = load_model(job.model_dir, job.model)
     anatomy = Anatomy.of(model)
     lm = build_lm(model, tokenizer, job.task)
-    replaced = sorted({layer for a, _ in ablations for layer in a.replaced_layers})
     source = None
-    if replaced:  # moved next to the weights they replace once, not on every swap
-        blocks = anatomy.blocks(model)
-        targets = [block.get_submodule(anatomy.attention_out).weight for block in blocks]
+    if any(a.replaced_layers for a, _ in ablations):  # moved next to what they replace, once
         source = {
-            index: weight.to(dtype=targets[index].dtype, device=targets[index].device)
-            for index, weight in load_o_proj_weights(job.source_dir, anatomy, replaced).items()
-        }
+            key: tensor.to(dtype=model.get_parameter(key).dtype,
+                           device=model.get_parameter(key).device)
+            for key, tensor in load_source_tensors(
+                job.source_dir, anatomy, [a for a, _ in ablations]
+            ).items()
+        }  # fmt: skip
     progress = Progress([a.id for a, _ in ablations])
     blocker = anatomy.sweep_blocker
     if job.prefix_reuse and blocker is not None:  # the config check said so before the job

@@ -47,7 +47,7 @@ from ablate.ablations import (
     weight_edits,
 )
 from ablate.anatomy import Anatomy, anatomy_from_config
-from ablate.backends import read_spec
+from ablate.backends import BACKENDS, read_spec
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.rule import job_logging
@@ -201,6 +201,8 @@ def check_engine_edits(ablation: Ablation, anatomy: Anatomy, checkpoint: set[str
     """Refuse (one line) an ablation whose exact weight edits vLLM cannot load and probe: each
     must be a linear weight stored under its name in the checkpoint (no biases, no experts
     fused in memory but stored one by one)."""
+    if ablation.kind in BACKENDS["vllm"].refused_kinds:  # the config check said so already
+        raise ValueError(f"{ablation.id}: the vllm backend cannot apply it exactly (use hf)")
     for edit in check_weight_edits_exact(ablation, anatomy, checkpoint):
         if not edit.key.endswith(".weight"):
             raise ValueError(
