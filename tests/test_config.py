@@ -38,8 +38,10 @@ def test_both_configs_pass_the_checks():
         ("fig1", 3 * 33),  # 3 protocols x (32 layers + baseline)
         ("fig8", 33),  # 32 heads of layer 8 + baseline
         ("fig10", 2 * 37 + 33),  # Qwen3 thinking on/off (36 layers) + LLaMA-3.1 (32)
-        ("fig19", 2 * 33),  # o_proj per layer on LLaMA + layer pruning of R1-Distill
-        ("fig22", 33),
+        # o_proj per layer on LLaMA, the whole-layer swap (its own HF task: + baseline), and
+        # layer pruning of R1-Distill
+        ("fig19", 3 * 33),
+        ("fig22", 2 * 33),  # cumulative o_proj, cumulative whole layers
     ],
 )
 def test_paper_figures_plan_the_right_evaluations(figure, evaluations):
@@ -175,7 +177,8 @@ def test_cross_key_errors_name_the_key(case):
         ),
         (
             lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
-            "(allowed: layer, attn, mlp, head, kv_group, paper_head, oproj, oproj_cumulative)",
+            "(allowed: layer, attn, mlp, head, kv_group, paper_head, oproj, oproj_cumulative, "
+            "layer_swap, layer_swap_cumulative)",
         ),
         (
             lambda c: c["models"]["smollm2"].update(dtyp="bfloat16"),
@@ -215,7 +218,18 @@ def test_backend_comes_from_the_figure_else_the_task():
     from ablate.config import evaluation_chunks
 
     config = broken(lambda c: c["figures"]["fig12"].update(backend="vllm"))
-    config["tasks"]["gsm8k_cot"]["backend"] = "vllm"
+    config["tasks"]["mmlu_generative"]["backend"] = "vllm"
     backends = {(c.task, c.backend) for c in evaluation_chunks(config)}
-    assert {("gsm8k_4shot", "vllm"), ("gsm8k_cot", "vllm"), ("gsm8k_1shot", "hf")} <= backends
+    assert {("gsm8k_4shot", "vllm"), ("mmlu_generative", "vllm"), ("gsm8k_1shot", "hf")} <= backends
     assert ("kv_retrieval", "hf") in backends
+
+
+def test_a_backend_that_cannot_apply_a_kind_is_refused_in_one_line():
+    """fig19's whole-layer swap series runs on task gsm8k_cot: vLLM cannot apply it exactly."""
+    config = broken(lambda c: c["tasks"]["gsm8k_cot"].update(backend="vllm"))
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    assert str(error.value) == (
+        "tasks.gsm8k_cot.backend: vllm cannot apply layer_swap ablations exactly, and figure "
+        "fig19 sweeps them on task gsm8k_cot (allowed: hf; or define a second task)"
+    )
