@@ -9,12 +9,13 @@ weights on the device, then per attention kernel (sdpa's 4D masks; flex_attentio
 and request shape (MMLU-like: a 128-token context and four one-token letters; HellaSwag-like: 64
 tokens and four 32-token endings) at the config's batch size:
 
-* **exact**: the shared-prefix sweep (base and nine units of eight kinds in one pass) against one plain
-  forward per unit with the ablation's hooks, each option a full sequence (lm-eval's way): the
-  largest log-likelihood difference per continuation token, and greedy flags that differ where
-  the plain forward's margin between its best token and the next one exceeds the tolerance;
-* **speed**: plain-forward prefill tokens per second, and the sweep's seconds over a whole layer
-  sweep against one plain pass per layer;
+* **exact**: the shared-prefix sweep (base and nine units of eight kinds in one pass) against
+  one plain forward per unit with the ablation's hooks, each option a full sequence (lm-eval's
+  way): the largest log-likelihood difference per continuation token, and greedy flags that
+  differ where the plain forward's margin between its best token and the next one exceeds the
+  tolerance;
+* **speed**: plain-forward prefill tokens per second (the model's forward alone), and the
+  sweep's seconds over a whole layer sweep against one plain forward per layer;
 * **memory**: peak device memory.
 
 The JSON written holds each measurement and ``rates``: seconds per (token x billion parameters) of
@@ -100,15 +101,19 @@ def with_greedy_options(model, batch, options: int):
 
 
 @torch.no_grad()
-def plain(model, batch: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]):
-    """Per request: log-likelihood, greedy flag and smallest best-vs-next margin, one full
-    right-padded sequence per option."""
+def forward(model, batch: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:
+    """Logits of one full right-padded sequence per option (lm-eval's way)."""
     rows = [list(context + option)[:-1] for context, option in batch]
     width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+def plain(model, batch: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]):
+    """Per request: log-likelihood, greedy flag and smallest best-vs-next margin."""
     device = model.device
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    log_probs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    log_probs = F.log_softmax(forward(model, batch).float(), dim=-1)
     out = []
     for row, (context, option) in enumerate(batch):
         positions = torch.arange(len(context) - 1, len(context) - 1 + len(option), device=device)
@@ -164,7 +169,7 @@ def speed(model, anatomy: Anatomy, batch, device: str) -> dict[str, Any]:
     units = [Ablation.parse(f"layer{i}") for i in range(anatomy.arch.num_layers)]
     warm = batch[:BATCH_SIZE]  # kernels compiled and tuned (flex attention) outside the timing
     sweep_loglikelihoods(model, warm, units[:2], None, BATCH_SIZE, 4096, torch.float32)
-    plain(model, warm)
+    forward(model, warm)
     _, sweep_s = timed(
         lambda: sweep_loglikelihoods(model, batch, units, None, BATCH_SIZE, 4096, torch.float32),
         device,
@@ -173,7 +178,7 @@ def speed(model, anatomy: Anatomy, batch, device: str) -> dict[str, Any]:
     for unit in units:
         with ablated(model, unit, anatomy=anatomy):
             for chunk in chunks(batch, BATCH_SIZE):
-                per_unit_s += timed(lambda chunk=chunk: plain(model, chunk), device)[1]
+                per_unit_s += timed(lambda chunk=chunk: forward(model, chunk), device)[1]
     tokens = sum(len(context) + len(option) - 1 for context, option in batch)
     return {
         "prefill_tokens_per_s": round(tokens * len(units) / per_unit_s),

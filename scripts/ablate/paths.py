@@ -14,7 +14,8 @@ STAND_IN_DIR = "resources/tokens/_stand-in"
 STAND_IN_COUNTS = f"{STAND_IN_DIR}/{{task}}.json"
 
 EVALUATIONS = "results/evaluate"
-UNIT_DIR = "{model}/{task}/{ablation}"  # one unit's results.json, samples.jsonl (base: proxies.csv)
+TASK_DIR = "{model}/{task}"  # under EVALUATIONS: one folder per unit
+UNIT_DIR = f"{TASK_DIR}/{{ablation}}"  # results.json, samples.jsonl (base: proxies.csv)
 EVALUATION_FILE = f"{EVALUATIONS}/{UNIT_DIR}/{{name}}"
 REQUEST_CACHES = "results/cache/{model}/{task}"  # outlive a killed job: its resubmission replays
 EVALUATION_LOG = "logs/evaluate/{model}/{task}/{label}.log"

@@ -52,9 +52,9 @@ from ablate.paths import (
     GPU_CHECK,
     MODEL_DIR,
     STAND_IN_COUNTS,
+    TASK_DIR,
     TASK_RECORD,
     TOKEN_COUNTS,
-    UNIT_DIR,
 )
 from ablate.tokens import (
     TaskTokens,
@@ -138,8 +138,7 @@ class TaskCosts:
 
     def generated_mean(self, model_id: str, task_id: str) -> float | None:
         model_dir = self.model_dir(model_id)
-        units = self.workdir / EVALUATIONS / UNIT_DIR.format(model=model_id, task=task_id,
-                                                             ablation="")  # fmt: skip
+        units = self.workdir / EVALUATIONS / TASK_DIR.format(model=model_id, task=task_id)
         finished = sorted(units.glob("*/results.json"))
         if model_dir is None or not finished:
             return None

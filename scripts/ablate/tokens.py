@@ -19,6 +19,7 @@ from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.job import Job
+from ablate.lm_eval_tasks import TASKS_DIR
 from ablate.paths import STAND_IN_DIR
 
 
@@ -81,7 +82,7 @@ def offline_twin(task: dict[str, Any]) -> dict[str, Any] | None:
     twin = OFFLINE_TWINS.get(name) or (name if task.get("local", True) else f"{name}_local")
     if twin == name:
         return task
-    if not (Path(__file__).parent / "tasks" / f"{twin}.yaml").exists():
+    if not (TASKS_DIR / f"{twin}.yaml").exists():
         return None
     return task | {"lm_eval_task": twin, "local": True}
 

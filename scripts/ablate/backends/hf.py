@@ -95,13 +95,8 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     lm = build_lm(model, tokenizer, job.task)
     source = None
     if any(a.replaced_layers for a, _ in ablations):  # moved next to what they replace, once
-        source = {
-            key: tensor.to(dtype=model.get_parameter(key).dtype,
-                           device=model.get_parameter(key).device)
-            for key, tensor in load_source_tensors(
-                job.source_dir, anatomy, [a for a, _ in ablations]
-            ).items()
-        }  # fmt: skip
+        tensors = load_source_tensors(job.source_dir, anatomy, [a for a, _ in ablations])
+        source = {key: tensor.to(model.get_parameter(key)) for key, tensor in tensors.items()}
     progress = Progress([a.id for a, _ in ablations])
     blocker = anatomy.sweep_blocker
     if job.prefix_reuse and blocker is not None:  # the config check said so before the job
