@@ -242,3 +242,31 @@ def test_bf16_sweep_rounds_no_more_than_lm_eval_itself(
           f"flipped), HFLM batch 1 vs 8 {batched:.2%} ({flipped(single, plain)} flipped)")  # fmt: skip
     # Measured: 2.6% and 1.5% (0 and 0 predictions flipped of 12).
     assert swept <= 2 * batched and flipped(sweep, plain) <= flipped(single, plain)
+
+
+@pytest.mark.slow
+def test_rolling_loglikelihoods_equal_plain_evaluation(tmp_path, embedded_dir, perturbed_dir):
+    """Perplexity (lm-eval's loglikelihood_rolling): documents longer than max_length roll over
+    several windows, each an independent sequence the sweep scores under every ablation."""
+    task = {"lm_eval_task": "gsm8k_text_local", "protocol": "loglikelihood_rolling",
+            "limit": 4, "batch_size": 4, "max_length": 48}  # fmt: skip
+    ids = ["base", "layer13", "layer0", "head29.4", "oproj5_from_noisy"]
+    sweep = run(tmp_path, embedded_dir, perturbed_dir, task, ids, reuse=True)
+    plain = run(tmp_path, embedded_dir, perturbed_dir, task, ids, reuse=False)
+    perplexities = set()
+    for ablation in ids:
+        (fast_results, fast_samples), (slow_results, slow_samples) = (
+            sweep[ablation],
+            plain[ablation],
+        )
+        for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+            expected = slow_results["gsm8k_text_local"][key]
+            assert fast_results["gsm8k_text_local"][key] == pytest.approx(expected, rel=1e-4)
+        for fast, slow in zip(fast_samples, slow_samples, strict=True):
+            (fast_ll, words), (slow_ll, slow_words) = (
+                fast["word_perplexity"],
+                slow["word_perplexity"],
+            )
+            assert fast_ll == pytest.approx(slow_ll, **TOLERANCE) and words == slow_words
+        perplexities.add(round(slow_results["gsm8k_text_local"]["word_perplexity,none"], 2))
+    assert len(perplexities) == len(ids), "some ablations scored identically: nothing was ablated"

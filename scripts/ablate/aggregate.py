@@ -17,11 +17,11 @@ import pandas as pd
 from ablate.config import Run, figure_runs
 from ablate.io import write_atomically
 from ablate.paths import UNIT_DIR
-from ablate.stats import holm, paired_delta, spearman
+from ablate.stats import holm, paired_test, spearman
 
 COLUMNS = [
     "figure", "panel", "series", "model", "task", "metric", "ablation_kind", "layer", "head", "ablation",
-    "score", "baseline", "delta", "stderr", "n_samples", "hit_budget", "model_revision",
+    "score", "baseline", "delta", "higher_is_better", "stderr", "n_samples", "hit_budget", "model_revision",
     "paired_stderr", "ci_low", "ci_high", "test", "p_value", "p_holm", "significant",
     "block_influence", "angular_distance", "spearman_block_influence", "spearman_angular_distance",
 ]  # fmt: skip
@@ -83,10 +83,13 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 def per_document(record: dict[str, Any], metric: str, path: Path) -> pd.Series:
-    """One metric's per-document values from a result's samples, indexed by (task, doc_id)."""
+    """One metric's per-document values from a result's samples, indexed by (task, doc_id): a
+    number, or for corpus-level metrics what lm-eval aggregates (e.g. (log-likelihood, words))."""
     name, flt = metric_key(metric).split(",")
     values = {
-        (sample["task"], sample["doc_id"]): float(sample[name])
+        (sample["task"], sample["doc_id"]): (
+            tuple(sample[name]) if isinstance(sample[name], list) else float(sample[name])
+        )
         for sample in record["samples"]
         if sample.get("filter", "none") == flt and name in sample
     }
@@ -105,6 +108,13 @@ def check_provenance(path: Path, record: dict, base_path: Path, base: dict) -> N
                 f"{base_path} ({base['provenance'].get(key)!r}); recompute one of them, or set "
                 "allow_mixed_provenance: true to aggregate anyway"
             )
+
+
+def metric_properties(record: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The metric's aggregation and direction as the evaluation recorded them (results written
+    before they were recorded: a mean, higher is better)."""
+    default = {"aggregation": "mean", "higher_is_better": True}
+    return record.get("metrics", {}).get(metric_key(metric).split(",")[0], default)
 
 
 def score(record: dict[str, Any], task: str, metric: str, path: Path) -> tuple[float, float]:
@@ -144,8 +154,11 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
         value, stderr = score(record, lm_task, run.metric, path)
         baseline, _ = score(base, lm_task, run.metric, base_path)
         budget = record["results"][lm_task].get("hit_budget,none")
-        paired = paired_delta(
-            per_document(base, run.metric, base_path), per_document(record, run.metric, path)
+        properties = metric_properties(record, run.metric)
+        paired = paired_test(
+            per_document(base, run.metric, base_path),
+            per_document(record, run.metric, path),
+            properties["aggregation"],
         )
         rows.append(
             {
@@ -162,6 +175,7 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
                 "score": value,
                 "baseline": baseline,
                 "delta": value - baseline,
+                "higher_is_better": properties["higher_is_better"],
                 "stderr": stderr,
                 "n_samples": record["n_docs"],
                 "hit_budget": budget,
@@ -183,13 +197,20 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     return add_proxies(frame, results_dir)
 
 
+def harm(rows: pd.DataFrame) -> pd.Series:
+    """How much worse each ablated score is than the baseline: −Δ, or Δ where lower is better
+    (perplexity)."""
+    sign = rows["higher_is_better"].astype(bool).map({True: -1.0, False: 1.0})
+    return sign * rows["delta"]
+
+
 # Ablation kinds with a proxy, and the prefix of its columns in proxies.csv (ablate.proxy).
 PROXY_KINDS = {"layer": "", "attn": "attn_", "mlp": "mlp_"}
 
 
 def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
     """Proxy values of each layer or sublayer row, and per (panel, series) their Spearman ρ
-    with −Δ."""
+    with the harm (−Δ; Δ where lower is better)."""
     with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_KINDS))]
     for (model, task), rows in with_proxy.groupby(["model", "task"]):
         path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
@@ -207,7 +228,7 @@ def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
     for _, rows in with_proxy.groupby(["panel", "series"]):
         for name in PROXIES:
             frame.loc[rows.index, f"spearman_{name}"] = spearman(
-                frame.loc[rows.index, name], -rows["delta"]
+                frame.loc[rows.index, name], harm(rows)
             )
     return frame
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,6 @@ from ablate.ablations import CONFIG_KINDS, HEAD_KINDS, SOURCE_KINDS, Ablation, s
 from ablate.backends import BACKENDS, serving
 from ablate.lm_eval_tasks import TASKS_DIR
 from ablate.paths import EVALUATIONS, TASK_RECORD
-
-PROTOCOL_METRICS = {
-    "loglikelihood": ("acc", "acc_norm", "acc_ce"),
-    "generate_until": ("exact_match",),
-}
 
 
 class ConfigError(ValueError):
@@ -365,7 +360,7 @@ def check_config(config: dict[str, Any]) -> None:
                 "set chat_template: true or enable_thinking: null"
             )
     for figure_id, figure in config["figures"].items():
-        for index, panel, series in panel_series(figure):
+        for index, _, series in panel_series(figure):
             key = f"figures.{figure_id}.panels[{index}]"
             if series["model"] not in models:
                 raise ConfigError(
@@ -378,13 +373,7 @@ def check_config(config: dict[str, Any]) -> None:
                     f"(allowed: {_allowed(tasks)})"
                 )
             task, model = tasks[series["task"]], models[series["model"]]
-            metric = panel["metric"].split(",")[0]
-            allowed = PROTOCOL_METRICS[task["protocol"]]
-            if metric not in allowed:
-                raise ConfigError(
-                    f"{key}.metric: {panel['metric']!r} is not produced by protocol "
-                    f"{task['protocol']} of task {series['task']} (allowed: {_allowed(allowed)})"
-                )
+            # The metric is checked against what the built task produces (prefetch_task).
             if task.get("enable_thinking") is not None and not model.get("has_thinking"):
                 raise ConfigError(
                     f"tasks.{series['task']}.enable_thinking: model {series['model']} has no "
@@ -500,15 +489,29 @@ def task_metric_requests(config: dict[str, Any], task_id: str) -> list[tuple[str
 
 
 def check_task_metrics(
-    requests: Sequence[tuple[str, str]], produced: Sequence[str], task_id: str, name: str
+    requests: Sequence[tuple[str, str]],
+    produced: Sequence[str],
+    task_id: str,
+    name: str,
+    aggregations: Mapping[str, str],
 ) -> None:
-    """Every requested ``metric[,filter]`` must be one the built task reports (``produced``)."""
+    """Every requested ``metric[,filter]`` must be one the built task reports (``produced``),
+    aggregated over documents in a way the paired statistics can resample (``aggregations``:
+    lm-eval's aggregation name per metric)."""
+    from ablate.stats import PAIRED_AGGREGATIONS  # scipy: not at the workflow's parse
+
     for key, metric in requests:
         if (metric if "," in metric else f"{metric},none") not in produced:
             allowed = ", ".join(repr(m.removesuffix(",none")) for m in sorted(produced))
             raise ConfigError(
                 f"{key}: {metric!r} is not produced by lm-eval task {name} of tasks.{task_id} "
                 f"(allowed: {allowed})"
+            )
+        aggregation = aggregations.get(metric.split(",")[0], "mean")
+        if aggregation not in PAIRED_AGGREGATIONS:
+            raise ConfigError(
+                f"{key}: {metric!r} of lm-eval task {name} is aggregated by {aggregation}, which "
+                f"the paired statistics cannot resample (allowed: {_allowed(PAIRED_AGGREGATIONS)})"
             )
 
 
@@ -534,6 +537,7 @@ def check_task_records(config: dict[str, Any], root: Path = Path()) -> None:
                 record["metrics"],
                 task_id,
                 task["lm_eval_task"],
+                record.get("aggregations", {}),
             )
         elif any((root / EVALUATIONS).glob(f"*/{task_id}/*/results.json")):
             changes = ", ".join(

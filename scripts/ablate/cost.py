@@ -22,7 +22,7 @@ from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.anatomy import CONTEXT_SHARING_KERNELS
-from ablate.backends import BACKENDS
+from ablate.backends import BACKENDS, scores_given_text
 from ablate.config import Chunk, evaluation_chunks
 from ablate.paths import BENCHMARK
 from ablate.tokens import TaskTokens
@@ -77,7 +77,7 @@ class TaskCost:
             # every prompt starts with once per batch; the others find them cached.
             batches = -(-docs // task.get("batch_size", 16))
             cached = counts.prompt_common * (docs - batches)
-        if task["protocol"] == "loglikelihood":
+        if scores_given_text(task["protocol"]):
             return cls(shared, sequences, 0.0, 0.0, tokens)
         if generated_mean is None:
             return cls(0.0, 0.0, prompt, budget, tokens, "budget", cached)
@@ -110,7 +110,7 @@ def forward_passes(
     """Full-model passes a chunk costs. With prefix reuse (log-likelihood chunks), the
     unablated model runs up to the highest first-changed layer once, and each unit runs only
     from its first changed layer up, a skipped layer excluded (ablate.sweep)."""
-    if not (prefix_reuse and task["protocol"] == "loglikelihood"):
+    if not (prefix_reuse and scores_given_text(task["protocol"])):
         return float(len(ablations))
     layers = model["num_layers"]
     shared = max(ablation.first_changed_layer(layers) for ablation in ablations)
@@ -133,7 +133,7 @@ def job_tokens(
     kernel = model.get("attn_implementation") or "sdpa"
     shares = sweep and kernel in CONTEXT_SHARING_KERNELS
     passes = forward_passes(model, task, ablations, sweep)
-    if task["protocol"] == "loglikelihood":
+    if scores_given_text(task["protocol"]):
         return passes * (cost.shared if shares else cost.sequences), 0.0
     prompt = cost.prompt - (cost.prompt_cached if backend == "vllm" else 0.0)
     return passes * prompt, len(ablations) * cost.generated
@@ -179,7 +179,7 @@ def calibrated_rates(
             model, task = config["models"][chunk.model], config["tasks"][chunk.task]
             tsv = Path(workdir) / BENCHMARK.format(model=chunk.model, task=chunk.task,
                                                    label=chunk.label)  # fmt: skip
-            if not tsv.exists() or (task["protocol"] == "loglikelihood") != (phase == "prefill"):
+            if not tsv.exists() or scores_given_text(task["protocol"]) != (phase == "prefill"):
                 continue
             device = device_kind(model)
             wall = float(tsv.read_text().splitlines()[1].split("\t")[0])

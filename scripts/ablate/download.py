@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from ablate.backends import PROTOCOL_OUTPUT_TYPES
 from ablate.config import ConfigError, check_task_metrics
 from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
@@ -169,6 +170,19 @@ def task_metrics(loaded: dict[str, Any], protocol: str) -> list[str]:
     return sorted(produced)
 
 
+def check_output_types(loaded: dict[str, Any], protocol: str, task_id: str | None) -> None:
+    """The config's protocol must be the lm-eval output type of every built (sub)task."""
+    for subtask, built in loaded["tasks"].items():
+        if built.OUTPUT_TYPE not in PROTOCOL_OUTPUT_TYPES[protocol]:
+            allowed = [
+                p for p, types in PROTOCOL_OUTPUT_TYPES.items() if built.OUTPUT_TYPE in types
+            ]
+            raise ConfigError(
+                f"{_key(task_id, 'protocol')}: {protocol}, but {subtask} is an lm-eval "
+                f"{built.OUTPUT_TYPE} task (allowed: {', '.join(allowed)})"
+            )
+
+
 def prefetch_task(
     task: dict[str, Any],
     data_dir: str,
@@ -183,7 +197,7 @@ def prefetch_task(
     figures plot) the task does not produce. ``out`` records the subtasks, the metrics and the
     task's settings (``task_id``'s results must not be overwritten by other settings).
     """
-    from ablate.lm_eval_tasks import task_manager
+    from ablate.lm_eval_tasks import metric_properties, task_manager
 
     name = task["lm_eval_task"]
     manager = task_manager(task, data_dir)
@@ -206,12 +220,15 @@ def prefetch_task(
                 f"{_key(task_id, 'num_fewshot')}: {task['num_fewshot']} for {subtask}, which "
                 f"allows at most {limit} (allowed: 0..{limit}; its task YAML says why)"
             )
+    check_output_types(loaded, task["protocol"], task_id)
     produced = task_metrics(loaded, task["protocol"])
-    check_task_metrics(metrics, produced, task_id or "?", name)
+    aggregations = {m: p["aggregation"] for m, p in metric_properties(loaded["tasks"]).items()}
+    check_task_metrics(metrics, produced, task_id or "?", name, aggregations)
     record = {
         "lm_eval_task": name,
         "subtasks": sorted(str(subtask) for subtask in loaded["tasks"]),
         "metrics": produced,
+        "aggregations": aggregations,
         "settings": {k: v for k, v in task.items() if k != "task_paths"},
     }
     write_atomically(out, json.dumps(record))

@@ -75,10 +75,26 @@ def set_aside_corrupt_caches(prefix: str) -> None:
             )  # fmt: skip
 
 
-def load_task(manager, name: str) -> list:
-    """The task (or group of tasks) object, built once per job and re-evaluated per ablation."""
+def load_task(manager, name: str) -> tuple[list, dict[str, Any]]:
+    """The task (or group of tasks) object, built once per job and re-evaluated per ablation,
+    and its tasks by name (the group's subtasks, or the task itself)."""
     loaded = manager.load([name])
-    return [loaded["groups"].get(name) or loaded["tasks"][name]]
+    return [loaded["groups"].get(name) or loaded["tasks"][name]], loaded["tasks"]
+
+
+def metric_properties(tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per metric of the built ``tasks``: lm-eval's aggregation of its per-document values (by
+    registered name: mean, weighted_perplexity, bits_per_byte, ...) and whether higher is
+    better, so Δ's direction and its paired statistics follow the metric."""
+    properties = {}
+    for built in tasks.values():
+        better = built.higher_is_better()
+        for metric, aggregation in built.aggregation().items():
+            properties[metric] = {
+                "aggregation": aggregation.__name__,
+                "higher_is_better": bool(better.get(metric, True)),
+            }
+    return properties
 
 
 def run_lm_eval(lm, job: Job, manager, tasks: list, ablation: Ablation) -> dict[str, Any]:

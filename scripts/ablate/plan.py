@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.aggregate import result_path
-from ablate.backends import serving
+from ablate.backends import scores_given_text, serving
 from ablate.config import (
     Chunk,
     ConfigError,
@@ -228,7 +228,7 @@ def cost_rows(
         model, task = config["models"][model_id], config["tasks"][task_id]
         backend, gpus = chunks[0].backend, model["gpus"]
         device = device_kind(model)
-        phases = ("prefill",) if task["protocol"] == "loglikelihood" else ("prefill", "decode")
+        phases = ("prefill",) if scores_given_text(task["protocol"]) else ("prefill", "decode")
         cost = costs(model_id, task_id)
         model_reuse = reuse and not costs.sweep_off(model_id)
         seconds = jobs_seconds(model, task, chunks, rates, model_reuse, backend, cost)

@@ -19,6 +19,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_rgba
 
+from ablate.aggregate import harm
+
 SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
 FADED = 0.3  # bar opacity of a Δ that is not significant
 SIGNIFICANCE_NOTE = "whiskers: 95% paired interval; faded: not significant (Holm, α = 0.05)"
@@ -43,10 +45,11 @@ def findings(frame: pd.DataFrame) -> list[str]:
             lines.append(f"{prefix}: {FLOOR_NOTE}")
             continue
         significant = rows["significant"].fillna(False).astype(bool)
-        worst = rows.loc[rows["delta"].idxmin()]
+        worst = rows.loc[harm(rows).idxmax()]
+        change = "drop" if worst["higher_is_better"] else "rise"
         lines.append(
             f"{prefix}: baseline {baseline:.3f}; {significant.sum()} of {len(rows)} units with a "
-            f"significant Δ; largest drop {unit_name(worst)}, Δ {worst['delta']:+.3f} "
+            f"significant Δ; largest {change} {unit_name(worst)}, Δ {worst['delta']:+.3f} "
             f"(p_holm {worst['p_holm']:.1g})"
         )
     return lines

@@ -1,7 +1,10 @@
 """Per-document statistics of an ablation: paired Δ, its test, multiple-comparison corrections.
 
-McNemar's exact test, the normal p-value, Benjamini–Hochberg and Spearman's ρ come from
-scipy.stats; only Holm is written here.
+A metric that is a mean over documents (accuracy, exact match) gets :func:`paired_delta`; one
+that lm-eval aggregates over the whole corpus (perplexity: exp of minus the summed
+log-likelihood over the summed words or bytes) gets :func:`paired_bootstrap`, which resamples
+documents, the same ones for both models. McNemar's exact test, the normal p-value,
+Benjamini–Hochberg and Spearman's ρ come from scipy.stats; only Holm is written here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,23 @@ import pandas as pd
 from scipy import stats
 
 Z_95 = 1.96  # two-sided 95% quantile of the standard normal
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _weighted(log_likelihoods: np.ndarray, counts: np.ndarray) -> float:
+    return float(log_likelihoods.sum() / counts.sum())
+
+
+# lm-eval's aggregations (by registered name) of per-document values whose Δ can be tested
+# paired: "mean" per document; the others over the corpus, on (log-likelihood, words or bytes)
+# pairs or, for "perplexity", one log-likelihood per document, as lm-eval computes them.
+CORPUS_AGGREGATIONS = {
+    "weighted_perplexity": lambda pairs: math.exp(-_weighted(pairs[:, 0], pairs[:, 1])),
+    "bits_per_byte": lambda pairs: -_weighted(pairs[:, 0], pairs[:, 1]) / math.log(2),
+    "perplexity": lambda values: math.exp(-float(values.mean())),
+}
+PAIRED_AGGREGATIONS = ("mean", *CORPUS_AGGREGATIONS)
 
 
 def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int | str]:
@@ -26,19 +46,7 @@ def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int |
     approximation of the paired t statistic Δ/se (fine for the hundreds of documents a task
     has; anticonservative for a handful). ``test`` names which one was used.
     """
-    for name, series in (("base", base), ("ablated", ablated)):
-        if series.index.has_duplicates:
-            duplicated = series.index[series.index.duplicated()].unique().tolist()
-            raise ValueError(f"{name}: duplicate document keys {_some(duplicated)}")
-    only_base = base.index.difference(ablated.index)
-    only_ablated = ablated.index.difference(base.index)
-    if len(only_base) or len(only_ablated):
-        raise ValueError(
-            f"document keys differ: missing from ablated {_some(only_base.tolist())}, "
-            f"missing from base {_some(only_ablated.tolist())}"
-        )
-    x = base.to_numpy(dtype=float)
-    y = ablated.reindex(base.index).to_numpy(dtype=float)
+    x, y = aligned(base, ablated)
     if np.isnan(x).any() or np.isnan(y).any():
         raise ValueError("NaN scores: every document needs a base and an ablated score")
     n = len(x)
@@ -61,6 +69,72 @@ def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int |
         "n": n,
         "p_value": p_value,
         "test": test,
+    }
+
+
+def aligned(base: pd.Series, ablated: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' per-document values in the same document order (rows: one per document; a
+    value may be a tuple, e.g. (log-likelihood, words)); ValueError unless the document keys
+    are the same, each once."""
+    for name, series in (("base", base), ("ablated", ablated)):
+        if series.index.has_duplicates:
+            duplicated = series.index[series.index.duplicated()].unique().tolist()
+            raise ValueError(f"{name}: duplicate document keys {_some(duplicated)}")
+    only_base = base.index.difference(ablated.index)
+    only_ablated = ablated.index.difference(base.index)
+    if len(only_base) or len(only_ablated):
+        raise ValueError(
+            f"document keys differ: missing from ablated {_some(only_base.tolist())}, "
+            f"missing from base {_some(only_ablated.tolist())}"
+        )
+    x = np.array(base.tolist(), dtype=float)
+    return x, np.array(ablated.reindex(base.index).tolist(), dtype=float)
+
+
+def paired_test(
+    base: pd.Series, ablated: pd.Series, aggregation: str = "mean"
+) -> dict[str, float | int | str]:
+    """The paired Δ and its test for a metric lm-eval aggregates by ``aggregation``
+    (:data:`PAIRED_AGGREGATIONS`): :func:`paired_delta` of a mean, else
+    :func:`paired_bootstrap`."""
+    if aggregation == "mean":
+        return paired_delta(base, ablated)
+    if aggregation not in CORPUS_AGGREGATIONS:
+        raise ValueError(f"no paired test of aggregation {aggregation!r} ({PAIRED_AGGREGATIONS})")
+    return paired_bootstrap(*aligned(base, ablated), aggregation)
+
+
+def paired_bootstrap(
+    base: np.ndarray,
+    ablated: np.ndarray,
+    aggregation: str,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float | int | str]:
+    """Δ = aggregate(ablated) − aggregate(base) of a corpus-level ``aggregation``
+    (:data:`CORPUS_AGGREGATIONS`) over per-document values (rows: the same documents, in the
+    same order, on both sides), with a paired bootstrap: ``draws`` resamples of the documents,
+    the same indices for both models. stderr is the resampled Δs' standard deviation, the 95% CI
+    their 2.5 and 97.5 percentiles, and the two-sided p-value twice the smaller share of
+    resampled Δs on either side of 0 (at least 1/draws)."""
+    reduce = CORPUS_AGGREGATIONS[aggregation]
+    if base.shape != ablated.shape or not len(base):
+        raise ValueError(f"paired values differ in shape: {base.shape} and {ablated.shape}")
+    delta = reduce(ablated) - reduce(base)
+    rng = np.random.default_rng(seed)
+    resampled = np.empty(draws)
+    for draw in range(draws):
+        rows = rng.integers(0, len(base), len(base))
+        resampled[draw] = reduce(ablated[rows]) - reduce(base[rows])
+    side = min((resampled <= 0).mean(), (resampled >= 0).mean())
+    return {
+        "delta": delta,
+        "stderr": float(resampled.std(ddof=1)),
+        "ci_low": float(np.percentile(resampled, 2.5)),
+        "ci_high": float(np.percentile(resampled, 97.5)),
+        "n": len(base),
+        "p_value": 1.0 if delta == 0 else float(min(1.0, max(2 * side, 1 / draws))),
+        "test": "paired_bootstrap",
     }
 
 

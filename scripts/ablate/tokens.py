@@ -127,16 +127,16 @@ class TaskTokens:
     settings: dict[str, Any]
 
 
-def request_counter(tokenizer, task: dict[str, Any]):
+def request_counter(tokenizer, task: dict[str, Any], max_length: int):
     """An lm-eval model that records the token ids of the requests it gets and answers dummies;
     lm-eval's own ``TemplateLM`` encodes them (as ``HFLM`` does). Imported here: the workflow
     reads token counts at parse time without lm-eval."""
     from lm_eval.api.model import TemplateLM
 
     class RequestCounter(TemplateLM):
-        def __init__(self, tokenizer, task: dict[str, Any]) -> None:
+        def __init__(self, tokenizer, task: dict[str, Any], max_length: int) -> None:
             super().__init__()
-            self.tokenizer = tokenizer
+            self.tokenizer, self.max_length = tokenizer, max_length
             self.chat_template_args = (
                 {"enable_thinking": task["enable_thinking"]} if "enable_thinking" in task else {}
             )
@@ -179,9 +179,23 @@ def request_counter(tokenizer, task: dict[str, Any]):
             return [""] * len(requests)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            raise NotImplementedError("no figure scores rolling log-likelihoods")
+            # The windows HFLM scores, one per max_length tokens, each after a one-token context.
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    return RequestCounter(tokenizer, task)
+            for request in requests:
+                windows = get_rolling_token_windows(
+                    token_list=self.tok_encode(request.args[0]),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+                self.scored.extend(
+                    (tuple(context), tuple(continuation))
+                    for context, continuation in map(make_disjoint_window, windows)
+                )
+            return [0.0] * len(requests)
+
+    return RequestCounter(tokenizer, task, max_length)
 
 
 def padded_tokens(
@@ -216,18 +230,18 @@ def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> T
     from ablate.lm_eval_tasks import load_task, run_lm_eval, task_manager
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    counter = request_counter(tokenizer, task)
-    manager = task_manager(task, data_dir)
-    job = Job(model_dir=model_dir, model={}, task=task, data_dir=data_dir)
-    output = run_lm_eval(counter, job, manager, load_task(manager, task["lm_eval_task"]),
-                         Ablation.parse("base"))  # fmt: skip
-    # A sample per document and filter (GSM8K's strict and flexible extraction): count documents.
-    documents = len({(name, sample["doc_id"]) for name, samples in output["samples"].items()
-                     for sample in samples})  # fmt: skip
     # The evaluation's context cap, as HFLM sets it where the task has none: the model's.
     max_length = task.get("max_length") or resolve_max_length(
         AutoConfig.from_pretrained(model_dir), tokenizer
     )
+    counter = request_counter(tokenizer, task, max_length)
+    manager = task_manager(task, data_dir)
+    job = Job(model_dir=model_dir, model={}, task=task, data_dir=data_dir)
+    tasks, _ = load_task(manager, task["lm_eval_task"])
+    output = run_lm_eval(counter, job, manager, tasks, Ablation.parse("base"))
+    # A sample per document and filter (GSM8K's strict and flexible extraction): count documents.
+    documents = len({(name, sample["doc_id"]) for name, samples in output["samples"].items()
+                     for sample in samples})  # fmt: skip
     batch_size = task.get("batch_size", 16)
     return TaskTokens(
         documents=documents,

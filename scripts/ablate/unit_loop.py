@@ -30,6 +30,7 @@ from ablate.lm_eval_tasks import (
     add_sample_metrics,
     amortize_lm_eval_overheads,
     load_task,
+    metric_properties,
     run_lm_eval,
     task_manager,
 )
@@ -254,8 +255,15 @@ def provenance(
     }
 
 
-def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], meta: dict) -> None:
-    """Samples first, results.json last: results.json existing means the unit is complete."""
+def write_result(
+    out_dir: Path,
+    output: dict[str, Any],
+    samples: list[dict],
+    meta: dict,
+    metrics: dict[str, dict[str, Any]],
+) -> None:
+    """Samples first, results.json last: results.json existing means the unit is complete.
+    ``metrics``: each metric's aggregation and direction (:func:`metric_properties`)."""
     lines = []
     for sample in samples:
         kept = {k: sample[k] for k in SAMPLE_FIELDS if k in sample}
@@ -268,6 +276,7 @@ def write_result(out_dir: Path, output: dict[str, Any], samples: list[dict], met
         "results": output["results"],
         "n_samples": output.get("n-samples", {}),
         "configs": output.get("configs", {}),
+        "metrics": metrics,
         "provenance": meta,
     }
     write_atomically(out_dir / "results.json", json.dumps(record, indent=1, default=str))
@@ -300,7 +309,8 @@ def evaluate_units(
     progress; a backend passes its own to wire steps (sweep batches) into it."""
     amortize_lm_eval_overheads()
     manager = task_manager(job.task, job.data_dir)
-    tasks = load_task(manager, job.task["lm_eval_task"])
+    tasks, built = load_task(manager, job.task["lm_eval_task"])
+    metrics = metric_properties(built)
     lengths: dict[tuple[str, str], int] = {}
     baseline = None
     progress = progress or Progress([a.id for a, _ in ablations])
@@ -317,7 +327,7 @@ def evaluate_units(
                 results["hit_budget,none"] = budget_hits(lm, job, ablation, samples)
             meta = provenance(job, ablation, output, packages or {})
             meta["eval_seconds"] = round(time.perf_counter() - start, 2)
-            write_result(Path(out_dir), output, samples, meta)
+            write_result(Path(out_dir), output, samples, meta, metrics)
             documents = len({(s["task"], s["doc_id"]) for s in samples})
             progress.unit_done(ablation.id, documents, unit_scores(results))
             if ablation.kind == "base":

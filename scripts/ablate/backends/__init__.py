@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 # (memory-bound: 2e9 bytes per B / (bandwidth x efficiency) / batch). The utilizations are
 # assumptions, corrected by calibration once jobs have run (ablate.cost).
 H100_BF16_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12
+# A task's protocol, by the lm-eval output types it covers (multiple_choice tasks send
+# loglikelihood requests). Every protocol but generate_until scores given text, in parallel.
+PROTOCOL_OUTPUT_TYPES = {
+    "loglikelihood": ("multiple_choice", "loglikelihood"),
+    "loglikelihood_rolling": ("loglikelihood_rolling",),
+    "generate_until": ("generate_until",),
+}
+
+
+def scores_given_text(protocol: str) -> bool:
+    """Whether a protocol's requests score given tokens (prefill only), not generate them."""
+    return protocol != "generate_until"
 
 
 def prefill_prior(utilization: float) -> float:
@@ -56,7 +68,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "hf": Backend(
         module="ablate.backends.hf",
-        protocols=("loglikelihood", "generate_until"),
+        protocols=("loglikelihood", "loglikelihood_rolling", "generate_until"),
         conda_env="eval.yaml",
         prior_rates={
             # HFLM: padded batches at 30% utilization (8B: ~18k prompt tok/s); generate at

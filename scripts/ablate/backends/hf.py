@@ -19,6 +19,7 @@ import torch
 
 from ablate.ablations import Ablation, ablated, load_source_tensors
 from ablate.anatomy import Anatomy
+from ablate.backends import scores_given_text
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.sweep import PrefixSweep
@@ -36,6 +37,11 @@ def budget_flags(
         not (eos_id in row or any(s and s in decode(row) for s in stop))
         for row in generated.tolist()
     ]
+
+
+def window_key(context: list[int], continuation: list[int]) -> tuple[str, str]:
+    """A rolling log-likelihood window's key in the sweep's answers, as a request's strings."""
+    return "rolling window", f"{context}{continuation}"
 
 
 def build_lm(model, tokenizer, task: dict[str, Any]):
@@ -64,11 +70,18 @@ def build_lm(model, tokenizer, task: dict[str, Any]):
                 self.cache_hook.add_partial("loglikelihood", request.args, answer)  # request cache
             return answers
 
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             if self.prefix_sweep is None:
-                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            self.prefix_sweep.compute(requests)
-            return self.prefix_sweep.answers([request for request, _, _ in requests])
+                return super()._loglikelihood_tokens(requests, True, override_bs)
+            # A rolling window has no request key (lm-eval passes None): its tokens are its key.
+            keyed = [(key or window_key(context, continuation), context, continuation)
+                     for key, context, continuation in requests]  # fmt: skip
+            missing = self.prefix_sweep.missing([key for key, _, _ in keyed])
+            self.prefix_sweep.compute([request for request in keyed if request[0] in missing])
+            return self.prefix_sweep.answers([key for key, _, _ in keyed])
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             output = super()._model_generate(context, max_length, stop, **generation_kwargs)
@@ -103,7 +116,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         log.info(
             "prefix_reuse off for %s: %s; lm-eval's HFLM scores every unit", job.model_dir, blocker
         )
-    if job.prefix_reuse and blocker is None and job.task["protocol"] == "loglikelihood":
+    if job.prefix_reuse and blocker is None and scores_given_text(job.task["protocol"]):
         units = [a for a, _ in ablations]
         lm.prefix_sweep = PrefixSweep(
             model, units, source, lm.batch_size, lm.max_length, lm.softmax_dtype,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,12 @@ def gsm8k_cot_exemplars() -> list[dict]:
 
 
 # --- OpenBookQA open-book -------------------------------------------------------------------
+
+
+def gsm8k_text(doc: dict) -> str:
+    """A GSM8K problem and its worked solution as plain text: the calculator annotations
+    (``<<48/2=24>>``) removed, the final ``#### answer`` line kept."""
+    return f"{doc['question']}\n{re.sub(r'<<[^>]*>>', '', doc['answer'])}"
 
 
 def oracle_fact(doc: dict) -> str:
