@@ -103,10 +103,6 @@ CASES = {
         lambda c: c["figures"]["fig13"]["ablation"].update(heads=[9]),
         r"ablation.heads: heads \[9\] out of range \(allowed: 0..8\)",
     ),
-    "metric of another protocol": (
-        lambda c: c["figures"]["fig5"]["panels"][0].update(metric="exact_match"),
-        r"metric: 'exact_match' is not produced by protocol loglikelihood .*\(allowed: acc, acc_norm, acc_ce\)",
-    ),
     "thinking without a switch": (
         lambda c: c["tasks"]["gsm8k_8shot_chat"].update(enable_thinking=True),
         r"tasks.gsm8k_8shot_chat.enable_thinking: model smollm2 has no thinking switch",

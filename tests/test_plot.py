@@ -8,11 +8,14 @@ from ablate.aggregate import COLUMNS
 from ablate.plot import FLOOR_NOTE, findings, plot_figure
 
 
-def figure_csv(baseline: float, deltas: list[float], significant: list[bool]) -> pd.DataFrame:
+def figure_csv(
+    baseline: float, deltas: list[float], significant: list[bool], higher_is_better: bool = True
+) -> pd.DataFrame:
     rows = [
         {"figure": "figX", "panel": 0, "series": "SmolLM2", "model": "smollm2", "task": "t",
          "metric": "acc", "ablation_kind": "layer", "layer": layer, "head": None,
-         "score": baseline + delta, "baseline": baseline, "delta": delta, "ci_low": delta - 0.05,
+         "score": baseline + delta, "baseline": baseline, "delta": delta,
+         "higher_is_better": higher_is_better, "ci_low": delta - 0.05,
          "ci_high": delta + 0.05, "p_holm": 0.001 if sig else 0.9, "significant": sig}
         for layer, (delta, sig) in enumerate(zip(deltas, significant, strict=True))
     ]  # fmt: skip
@@ -24,6 +27,14 @@ def test_findings_name_the_largest_significant_drop():
     assert findings(frame) == [
         "SmolLM2 (acc): baseline 0.600; 1 of 3 units with a significant Δ; largest drop layer 0, "
         "Δ -0.300 (p_holm 0.001)"
+    ]
+
+
+def test_findings_of_a_lower_is_better_metric_name_the_largest_rise():
+    frame = figure_csv(20.0, [-0.5, 300.0, 4.0], [True, True, False], higher_is_better=False)
+    assert findings(frame) == [
+        "SmolLM2 (acc): baseline 20.000; 2 of 3 units with a significant Δ; largest rise layer 1, "
+        "Δ +300.000 (p_holm 0.001)"
     ]
 
 

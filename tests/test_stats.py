@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablate.stats import benjamini_hochberg, holm, mcnemar_exact, paired_delta, spearman
+from ablate.stats import (
+    benjamini_hochberg,
+    holm,
+    mcnemar_exact,
+    paired_delta,
+    paired_test,
+    spearman,
+)
 
 
 def docs(values: list[float], keys: list[int] | None = None) -> pd.Series:
@@ -73,6 +80,31 @@ def test_paired_delta_edge_cases():
         paired_delta(docs([1, 0, 1, 1]), docs([1, 0, 1, 0], keys=[0, 1, 2, 7]))
     with pytest.raises(ValueError, match="duplicate document keys"):
         paired_delta(docs([1, 0], keys=[0, 0]), docs([1, 0], keys=[0, 0]))
+
+
+def pairs(values: list[tuple[float, int]]) -> pd.Series:
+    return pd.Series(values, index=pd.Index(range(len(values)), name="doc_id"), dtype=object)
+
+
+def test_corpus_perplexity_delta_is_lm_evals_and_resampled_in_pairs():
+    # (log-likelihood, words) per document, as lm-eval's word_perplexity logs them.
+    base = pairs([(-20.0, 10), (-45.0, 15), (-10.0, 5), (-30.0, 10)])
+    ablated = pairs([(-25.0, 10), (-54.0, 15), (-12.0, 5), (-36.0, 10)])
+    # exp(105/40) = 13.7909..., exp(127/40) = 23.9144...: Δ = +10.1235 (lm-eval's corpus values,
+    # not a mean of per-document perplexities).
+    result = paired_test(base, ablated, "weighted_perplexity")
+    assert result["test"] == "paired_bootstrap"
+    assert result["delta"] == pytest.approx(math.exp(127 / 40) - math.exp(105 / 40))
+    # Every document is worse ablated, so every resample is: p at its floor, the CI above 0.
+    assert result["p_value"] == pytest.approx(1 / 2000) and result["ci_low"] > 0
+    bits = paired_test(base, ablated, "bits_per_byte")
+    assert bits["delta"] == pytest.approx((127 - 105) / 40 / math.log(2))
+    # An unchanged model: Δ 0 and p 1. Opposite changes that cancel: not significant.
+    assert paired_test(base, base, "weighted_perplexity")["p_value"] == 1.0
+    mixed = pairs([(-25.0, 10), (-40.0, 15), (-12.0, 5), (-28.0, 10)])
+    assert paired_test(base, mixed, "weighted_perplexity")["p_value"] > 0.05
+    with pytest.raises(ValueError, match="no paired test of aggregation 'f1'"):
+        paired_test(base, ablated, "f1")
 
 
 def test_holm_and_benjamini_hochberg_by_hand():
