@@ -23,8 +23,12 @@ with sole_writer(f"{snakemake.log[0]}.lock"), rule_log(snakemake.log[0], offline
         cache_dir=Path(params.cache_dir),
         **json.loads(params.job),
     )
-    # One output folder per unit, in the chunk's order.
+    # One output folder per unit, in the chunk's order; a proxy-ordered layer set as the
+    # layers its baseline's proxies pick (the inputs name them).
     folders = [Path(path).parent for path in snakemake.output.results]  # noqa: F821
-    backends.run(
-        job, [(Ablation.parse(a), d) for a, d in zip(params.ablations, folders, strict=True)]
-    )
+    units = [Ablation.parse(a) for a in params.ablations]
+    if proxies := snakemake.input.get("proxies"):  # noqa: F821
+        from ablate.proxy import resolved_units
+
+        units = resolved_units(units, Path(proxies).parent)
+    backends.run(job, list(zip(units, folders, strict=True)))

@@ -48,6 +48,7 @@ UNITS = (
     "oprojcum1_from_src",
     "layerswap1_from_src",
     "layerswapcum1_from_src",
+    "layers0+2",
 )
 PROMPT = torch.tensor([[5, 17, 33, 8, 91, 12, 44, 7, 63, 21, 38, 9, 70, 15]])  # > WINDOW tokens
 # Requests whose context + continuation is longer than WINDOW; contexts shared by options.
@@ -69,8 +70,11 @@ def greedy(model) -> torch.Tensor:
 
 def reference(model, source, anatomy: Anatomy, ablation: Ablation):
     """The ablation done by hand on a copy of the model."""
-    if ablation.kind == "layer":
-        return without_layer(model, anatomy, ablation.layer)
+    if ablation.kind in ("layer", "layer_set"):
+        pruned = model
+        for layer in sorted(ablation.skipped_layers, reverse=True):  # indices above stay put
+            pruned = without_layer(pruned, anatomy, layer)
+        return pruned
     if ablation.kind in ("attn", "mlp"):
         return without_sublayer(model, anatomy, ablation.kind, ablation.layer)
     if ablation.kind in ("head", "kv_group"):

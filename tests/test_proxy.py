@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 
@@ -85,3 +86,49 @@ def test_prompt_batches_truncate(tokenizer):
     batches = list(prompt_batches(tokenizer, PROMPTS, batch_size=2, max_length=4))
     assert [ids.shape[0] for ids, _ in batches] == [2, 1]
     assert all(ids.shape[1] <= 4 and mask.shape == ids.shape for ids, mask in batches)
+
+
+def test_block_distances_are_gromovs_at_the_last_token(model, tokenizer):
+    """Angular distance between layer l's input and layer l + n's, at each prompt's last token
+    (padded batch of two prompts of different lengths), against unpadded hidden states."""
+    from ablate.proxy import block_distances
+
+    layers = Anatomy.of(model).blocks(model)
+    last_output = {}
+    handle = layers[-1].register_forward_hook(lambda m, a, out: last_output.update(h=out))
+    states = []
+    try:
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                hidden = model(ids, output_hidden_states=True).hidden_states
+            states.append([h[0, -1].double() for h in (*hidden[: len(layers)], last_output["h"])])
+    finally:
+        handle.remove()
+    frame = block_distances(model, prompt_batches(tokenizer, PROMPTS, 2, 64))
+    assert len(frame) == len(layers) * (len(layers) + 1) // 2
+    for start, size in [(0, 1), (3, 7), (0, len(layers)), (len(layers) - 1, 1)]:
+        expected = np.mean([
+            math.acos(max(-1.0, min(1.0, float(torch.nn.functional.cosine_similarity(
+                s[start], s[start + size], dim=0))))) / math.pi
+            for s in states
+        ])  # fmt: skip
+        row = frame[(frame["start"] == start) & (frame["size"] == size)]
+        assert float(row["angular_distance"].iloc[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_proxy_orders_pick_the_least_influential_layers_and_the_closest_block():
+    from ablate.ablations import Ablation, removal_units, resolved
+
+    influence = [0.5, 0.1, 0.3, 0.05, 0.2]
+    distance = {(start, size): abs(start - 2) + size for size in range(1, 6)
+                for start in range(6 - size)}  # fmt: skip
+    by_influence = [resolved(Ablation.parse(f"drop{n}_by_block_influence"), influence, distance)
+                    for n in (1, 2, 3)]  # fmt: skip
+    assert [u.id for u in by_influence] == ["layers3", "layers1+3", "layers1+3+4"]
+    block = resolved(Ablation.parse("drop2_by_angular_block"), influence, distance)
+    assert block.id == "layers2+3"
+    # Random draws are seeded permutations: nested sets, the same on every run.
+    units = removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)
+    assert [set(u.layers) < set(v.layers) for u, v in zip(units, units[1:])] == [True, True]
+    assert units == removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)

@@ -15,7 +15,16 @@ a short id that is also its results folder (config kind in brackets):
 ``oprojcum{L}_from_{M}``     [oproj_cumulative] ``self_attn.o_proj`` of layers 0..L from model M
 ``layerswap{L}_from_{M}``    [layer_swap] every tensor of decoder layer L taken from model M
 ``layerswapcum{L}_from_{M}`` [layer_swap_cumulative] every tensor of layers 0..L from model M
+``layers{A}+{B}+...``        [layer_set] skip every layer of the set (a multi-layer removal)
+``drop{N}_by_{ORDER}``       [layer_set] the N layers an order of the model's own baseline
+                             proxies picks (block_influence, angular_block), resolved from the
+                             baseline's files when the unit runs (:func:`resolved`)
 ===========================  ==================================================================
+
+A ``layer_set`` sweep removes n = 1, 2, ... layers in an order (config ``order``): ShortGPT's
+``block_influence`` (the n layers of lowest block influence), Gromov et al.'s ``angular_block``
+(the contiguous n layers whose input and output are closest in angle, at the last token),
+``random`` (a seeded permutation per draw) or ``explicit`` (the config's list, first n).
 
 The paper's text replaces ``o_proj`` (its W_o); its released ``layer_change.py`` swaps whole
 decoder layers. Both are kinds here, so a figure can draw one beside the other.
@@ -36,8 +45,9 @@ swapped layer's every tensor) is the source's tensor.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,12 +78,20 @@ LAYER_SWAP_KINDS = ("layer_swap", "layer_swap_cumulative")
 SOURCE_KINDS = (*O_PROJ_KINDS, *LAYER_SWAP_KINDS)
 CUMULATIVE_KINDS = ("oproj_cumulative", "layer_swap_cumulative")  # layers 0..L
 SUBLAYERS = ("attn", "mlp")  # sublayer kinds: the anatomy names each one's module
-CONFIG_KINDS = (*ID_PREFIX, "paper_head")
+LAYER_SET = "layer_set"  # several layers skipped at once, one set per unit
+CONFIG_KINDS = (*ID_PREFIX, "paper_head", LAYER_SET)
+# Orders of a layer_set sweep: from the baseline's proxies (resolved when the unit runs), or
+# known from the config alone.
+PROXY_ORDERS = ("block_influence", "angular_block")
+REMOVAL_ORDERS = (*PROXY_ORDERS, "random", "explicit")
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
 ABLATION_PATTERN = (
     r"base|(?:layer|attn|mlp)\d+|(?:head|kvgroup)\d+\.\d+|"
-    r"(?:oproj|layerswap)(?:cum)?\d+_from_[a-z0-9_]+"
+    r"(?:oproj|layerswap)(?:cum)?\d+_from_[a-z0-9_]+|"
+    r"layers\d+(?:\+\d+)*|drop\d+_by_(?:" + "|".join(PROXY_ORDERS) + ")"
 )
+_LAYER_SET = re.compile(r"^layers(?P<layers>\d+(?:\+\d+)*)$")
+_BY_ORDER = re.compile(r"^drop(?P<count>\d+)_by_(?P<order>" + "|".join(PROXY_ORDERS) + ")$")
 _PARSE = re.compile(
     r"^(?:(?P<base>base)|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?"
     r"(?:_from_(?P<source>[a-z0-9_]+))?)$"
@@ -88,9 +106,18 @@ class Ablation:
     layer: int | None = None
     head: int | None = None  # query head (head) or KV group (kv_group)
     source: str | None = None  # model id providing the tensors (source kinds)
+    layers: tuple[int, ...] = ()  # layer_set: the skipped layers, ascending (once resolved)
+    order: str | None = None  # layer_set by a proxy order, until resolved; ``layer``: its count
 
     @classmethod
     def parse(cls, ablation_id: str) -> Ablation:
+        if match := _LAYER_SET.match(ablation_id):
+            layers = tuple(int(layer) for layer in match["layers"].split("+"))
+            if list(layers) != sorted(set(layers)):
+                raise ValueError(f"ablation id {ablation_id!r}: layers not ascending and distinct")
+            return cls(LAYER_SET, layers=layers)
+        if match := _BY_ORDER.match(ablation_id):
+            return cls(LAYER_SET, layer=int(match["count"]), order=match["order"])
         match = _PARSE.match(ablation_id)
         kind = _KIND_OF_PREFIX.get(match["prefix"]) if match and not match["base"] else None
         if match is None or not (match["base"] or _well_formed(kind, match)):
@@ -104,6 +131,10 @@ class Ablation:
     def id(self) -> str:
         if self.kind == "base":
             return "base"
+        if self.kind == LAYER_SET:
+            if self.order is not None:
+                return f"drop{self.layer}_by_{self.order}"
+            return "layers" + "+".join(map(str, self.layers))
         unit = f"{ID_PREFIX[self.kind]}{self.layer}"
         if self.kind in HEAD_KINDS:
             return f"{unit}.{self.head}"
@@ -121,22 +152,42 @@ class Ablation:
             return range(self.layer, self.layer + 1)
         return range(0)
 
+    @property
+    def position(self) -> int | None:
+        """Where a figure plots the unit: its layer, or how many layers a layer_set removes."""
+        return len(self.layers) or self.layer
+
     def first_changed_layer(self, num_layers: int) -> int:
-        """The lowest layer this ablation changes (``num_layers`` for base, which changes none):
-        layers below it run exactly as in the unablated model."""
+        """The lowest layer this ablation changes (``num_layers`` for base, which changes none;
+        0 for a layer_set not yet resolved): layers below it run as in the unablated model."""
         if self.kind == "base":
             return num_layers
+        if self.kind == LAYER_SET:
+            return self.layers[0] if self.layers else 0
         return self.replaced_layers.start if self.replaced_layers else self.layer
 
     def first_run_layer(self, num_layers: int) -> int:
         """The lowest layer the ablated model must run on the hidden states entering its first
         changed layer: a skipped layer's output is its input, so the layer above it."""
-        return self.first_changed_layer(num_layers) + (self.kind == "layer")
+        skipped = self.kind == "layer" or bool(self.layers)
+        return self.first_changed_layer(num_layers) + skipped
+
+    @property
+    def skipped_layers(self) -> tuple[int, ...]:
+        """The layers whose output is their input (layer skips)."""
+        return (self.layer,) if self.kind == "layer" else self.layers
 
     @property
     def sort_key(self) -> tuple:
-        """Chunks hold units of one kind (and source) in layer, then head order."""
-        return self.kind, self.source or "", self.layer or 0, self.head or 0
+        """Chunks hold units of one kind (and source) in layer, then head order (layer_set: by
+        count, then the set)."""
+        return (
+            self.kind,
+            self.source or self.order or "",
+            self.position or 0,
+            self.head or 0,
+            self.layers,
+        )
 
 
 def _well_formed(kind: str | None, match: re.Match) -> bool:
@@ -157,6 +208,8 @@ def sweep(spec: dict, model: dict) -> list[tuple[Ablation, int | None]]:
     every query head of that group outputs 0. Its unit is that KV group (shared by the group's
     heads); without GQA the group is h alone, the single-head unit."""
     kind = spec["kind"]
+    if kind == LAYER_SET:
+        return [(unit, None) for unit in removal_units(spec, model["num_layers"])]
     layers = range(model["num_layers"]) if spec.get("layers", "all") == "all" else spec["layers"]
     if kind in SOURCE_KINDS:
         return [(Ablation(kind, layer, source=spec["source"]), None) for layer in layers]
@@ -171,6 +224,41 @@ def sweep(spec: dict, model: dict) -> list[tuple[Ablation, int | None]]:
     return [(Ablation(unit[0], layer, head // unit[1]), head) for layer in layers for head in heads]
 
 
+def removal_units(spec: dict, num_layers: int) -> list[Ablation]:
+    """The layer_set units of a removal sweep (config ``order``, ``removed``: the counts n;
+    ``seeds``: the random order's draws; ``layers``: the explicit order). A proxy order's units
+    are named by order and count until :func:`resolved`; the others are their sets."""
+    order, counts = spec["order"], spec["removed"]
+    if order in PROXY_ORDERS:
+        return [Ablation(LAYER_SET, layer=n, order=order) for n in counts]
+    if order == "random":
+        orders = [random.Random(seed).sample(range(num_layers), num_layers)
+                  for seed in spec.get("seeds", [0])]  # fmt: skip
+    else:
+        orders = [spec["layers"]]
+    return [Ablation(LAYER_SET, layers=tuple(sorted(o[:n]))) for o in orders for n in counts]
+
+
+def resolved(
+    ablation: Ablation,
+    block_influence: Sequence[float],
+    block_distance: Mapping[tuple[int, int], float],
+) -> Ablation:
+    """A layer_set unit of a proxy order as the set it names, from the unablated model's block
+    influence per layer and angular distance per (first layer, block size) of its baseline
+    (ablate.proxy); other units as they are. Ties go to the lower layer."""
+    if ablation.order is None:
+        return ablation
+    count, num_layers = ablation.layer, len(block_influence)
+    if ablation.order == "block_influence":  # ShortGPT: the n least influential layers
+        by_influence = sorted(range(num_layers), key=lambda layer: (block_influence[layer], layer))
+        return Ablation(LAYER_SET, layers=tuple(sorted(by_influence[:count])))
+    # Gromov et al.: the n contiguous layers whose input and output are closest
+    starts = range(num_layers - count + 1)
+    first = min(starts, key=lambda start: (block_distance[(start, count)], start))
+    return Ablation(LAYER_SET, layers=tuple(range(first, first + count)))
+
+
 def silenced_heads(ablation: Ablation, arch: Architecture) -> range:
     """Query heads whose output a head or kv_group ablation zeroes."""
     if ablation.kind == "head":
@@ -182,6 +270,12 @@ def silenced_heads(ablation: Ablation, arch: Architecture) -> range:
 def check_in_range(ablation: Ablation, arch: Architecture) -> None:
     """Raise ValueError if ``ablation`` names a layer or head this architecture lacks."""
     if ablation.kind == "base":
+        return
+    if ablation.kind == LAYER_SET:
+        if ablation.order is not None:
+            raise ValueError(f"{ablation.id}: resolve the order's layers first (resolved())")
+        if bad := [layer for layer in ablation.layers if not 0 <= layer < arch.num_layers]:
+            raise ValueError(f"{ablation.id}: layers {bad} out of range 0..{arch.num_layers - 1}")
         return
     if not 0 <= ablation.layer < arch.num_layers:
         raise ValueError(
@@ -238,11 +332,12 @@ def weight_edits(ablation: Ablation, anatomy: Anatomy) -> list[WeightEdit]:
     projections (weights and biases; every expert's) zeroed, a head's input features of the
     attention output projection zeroed, or that projection's weight taken from the source."""
     check_in_range(ablation, anatomy.arch)
-    if ablation.kind in ("layer", *SUBLAYERS):
-        sublayers = SUBLAYERS if ablation.kind == "layer" else (ablation.kind,)
+    if ablation.kind in ("layer", LAYER_SET, *SUBLAYERS):
+        zeroed = [(layer, part) for layer in ablation.skipped_layers for part in SUBLAYERS]
+        zeroed = zeroed or [(ablation.layer, ablation.kind)]
         edits = []
-        for part in sublayers:
-            if not (keys := anatomy.out_parameters(ablation.layer, part)):
+        for layer, part in zeroed:
+            if not (keys := anatomy.out_parameters(layer, part)):
                 raise ValueError(
                     f"{ablation.id}: no {part} output projection of {anatomy.model_type} is known "
                     "to ablate.anatomy (use backend: hf, whose hooks need none)"
@@ -275,7 +370,7 @@ def check_weight_edits_exact(
     """``ablation``'s weight edits, or ValueError (one line) where they are not exact or name
     tensors that ``tensor_keys`` (a model's state dict or a checkpoint's tensor names) lacks."""
     edits = weight_edits(ablation, anatomy)
-    if anatomy.post_norm_residual and ablation.kind in ("layer", *SUBLAYERS):
+    if anatomy.post_norm_residual and ablation.kind in ("layer", LAYER_SET, *SUBLAYERS):
         raise ValueError(
             f"{ablation.id}: {anatomy.model_type} normalizes the residual stream after each "
             "sublayer's add, so zeroed projections are not a removed sublayer (use backend: hf)"
@@ -383,10 +478,9 @@ def ablated(
     handles = []
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
-        if ablation.kind == "layer":
-            block = blocks[ablation.layer]
-            handles.append(block.register_forward_hook(_skip_layer, with_kwargs=True))
-        elif ablation.kind in SUBLAYERS:
+        for layer in ablation.skipped_layers:
+            handles.append(blocks[layer].register_forward_hook(_skip_layer, with_kwargs=True))
+        if ablation.kind in SUBLAYERS:
             name = anatomy.attention if ablation.kind == "attn" else anatomy.mlp
             sublayer = blocks[ablation.layer].get_submodule(name)
             handles.append(sublayer.register_forward_hook(_zero_output))

@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-from ablate.ablations import CONFIG_KINDS, HEAD_KINDS, SOURCE_KINDS, Ablation, sweep
+from ablate.ablations import (
+    CONFIG_KINDS,
+    HEAD_KINDS,
+    LAYER_SET,
+    REMOVAL_ORDERS,
+    SOURCE_KINDS,
+    Ablation,
+    sweep,
+)
 from ablate.backends import BACKENDS, serving
 from ablate.lm_eval_tasks import TASKS_DIR
 from ablate.paths import EVALUATIONS, TASK_RECORD
@@ -38,7 +46,7 @@ class Run:
     task: str
     metric: str
     kind: str
-    layer: int  # the ablated layer (oproj_cumulative: the last replaced one)
+    layer: int  # the ablated layer (cumulative kinds: the last one; layer_set: how many)
     head: int | None  # query head (head, paper_head) or KV group (kv_group) within ``layer``
     ablation: str  # ablation id, the results folder
 
@@ -170,7 +178,7 @@ def figure_runs(config: dict[str, Any], figure_id: str) -> list[Run]:
                     task=series["task"],
                     metric=panel["metric"],
                     kind=ablation["kind"],
-                    layer=unit.layer,
+                    layer=unit.position,
                     head=head,
                     ablation=unit.id,
                 )
@@ -284,10 +292,36 @@ def _check_range(key: str, values, count: int, what: str) -> None:
         raise ConfigError(f"{key}: {what} {bad} out of range (allowed: 0..{count - 1})")
 
 
+def _check_removal(key: str, ablation: dict, num_layers: int) -> None:
+    """A layer_set sweep: an order, counts it can remove, an explicit order's distinct layers."""
+    if ablation["kind"] != LAYER_SET:
+        if given := [k for k in ("order", "removed", "seeds") if k in ablation]:
+            raise ConfigError(f"{key}.{given[0]}: only kind {LAYER_SET} takes it")
+        return
+    for needed in ("order", "removed"):
+        if needed not in ablation:
+            raise ConfigError(
+                f"{key}.{needed}: required for kind {LAYER_SET} (order allowed: "
+                f"{_allowed(REMOVAL_ORDERS)}; removed: counts of layers, e.g. [1, 2, 4])"
+            )
+    order, layers = ablation["order"], ablation.get("layers", "all")
+    if ablation.get("seeds") is not None and order != "random":
+        raise ConfigError(f"{key}.seeds: only order random takes seeds (order is {order})")
+    most = num_layers
+    if order == "explicit" and layers != "all":
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"{key}.layers: an explicit order names each layer once: {layers}")
+        most = len(layers)
+    if too_many := [n for n in ablation["removed"] if n > most]:
+        raise ConfigError(f"{key}.removed: {too_many} more layers than {order} orders "
+                          f"(allowed: 1..{most})")  # fmt: skip
+
+
 def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> None:
     model = config["models"][model_id]
     kind = ablation["kind"]
     _check_range(f"{key}.layers", ablation.get("layers", "all"), model["num_layers"], "layers")
+    _check_removal(key, ablation, model["num_layers"])
     if kind in ("head", "paper_head"):
         _check_range(f"{key}.heads", ablation.get("heads", "all"), model["num_heads"], "heads")
     if kind == "kv_group":

@@ -15,7 +15,9 @@ STAND_IN_COUNTS = f"{STAND_IN_DIR}/{{task}}.json"
 
 EVALUATIONS = "results/evaluate"
 TASK_DIR = "{model}/{task}"  # under EVALUATIONS: one folder per unit
-UNIT_DIR = f"{TASK_DIR}/{{ablation}}"  # results.json, samples.jsonl (base: proxies.csv)
+UNIT_DIR = f"{TASK_DIR}/{{ablation}}"  # results.json, samples.jsonl (base: the proxies)
+PROXIES = "proxies.csv"  # in the baseline's folder: per layer (ablate.proxy)
+BLOCK_DISTANCES = "angular_blocks.csv"  # in the baseline's folder: per contiguous block
 EVALUATION_FILE = f"{EVALUATIONS}/{UNIT_DIR}/{{name}}"
 REQUEST_CACHES = "results/cache/{model}/{task}"  # outlive a killed job: its resubmission replays
 EVALUATION_LOG = "logs/evaluate/{model}/{task}/{label}.log"

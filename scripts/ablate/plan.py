@@ -208,7 +208,14 @@ def dry_run_plan(job_rules: set[str], config: dict[str, Any], workdir: Path) -> 
     rows = cost_rows(groups, config, workdir)
     tokens = ", ".join(sorted({row["tokens"].split()[0] for row in rows}))
     rates = ", ".join(sorted({row["rate"] for row in rows}))
-    return f"GPU-hour plan: {total_line(total_row(rows))} (tokens: {tokens}; rates: {rates})"
+    line = f"GPU-hour plan: {total_line(total_row(rows))} (tokens: {tokens}; rates: {rates})"
+    ordered = [a.id for chunks in groups.values() for c in chunks for a in c.ablations if a.order]
+    if ordered:  # costed as full passes: their first removed layer is not known yet
+        line += (
+            f"\n{len(ordered)} layer_set units ({ordered[0]}, ...) pick their layers from their "
+            "baseline's proxies when they run: after the baseline job, not in this plan"
+        )
+    return line
 
 
 def cost_rows(

@@ -5,7 +5,11 @@ For decoder layer l with input h_in and output h_out at a token:
 * block influence (ShortGPT, Men et al. 2024): 1 − mean cos(h_in, h_out);
 * angular distance (Gromov et al. 2024, block size n = 1): mean arccos(cos(h_in, h_out)) / π;
 
-both averaged over every non-padding token of every prompt. A high value means the layer
+both averaged over every non-padding token of every prompt. For multi-layer removal,
+:func:`block_distances` gives Gromov et al.'s angular distance between the input of layer l and
+that of layer l + n (the output of the last layer for l + n = L) for every block, at each
+prompt's last token as they measure it, averaged over prompts; :func:`resolved_units` turns the
+units of a proxy-ordered removal sweep into the layer sets these files pick. A high value means the layer
 changes the residual stream a lot, i.e. it should matter more when skipped. The same two
 measures per sublayer (``attn_*``, ``mlp_*``) compare the residual stream before and after that
 sublayer alone: h_in against h_mid = h_in + attention output, and h_mid against h_out. That
@@ -18,12 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
+from ablate.ablations import Ablation, resolved
 from ablate.anatomy import Anatomy
+from ablate.paths import BLOCK_DISTANCES, PROXIES
 
 PARTS = ("", "attn_", "mlp_")  # whole layer, attention sublayer, MLP sublayer
 
@@ -113,6 +120,71 @@ def layer_proxies(
                 value = value.masked_fill(undefined, math.nan)
             columns[f"{part}{name}"] = value.cpu().numpy()
     return pd.DataFrame(columns)
+
+
+def block_distances(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> pd.DataFrame:
+    """Mean angular distance arccos(cos(x_l, x_{l+n})) / π over prompts, at each prompt's last
+    token, between the residual stream entering layer l and the one entering layer l + n
+    (leaving the last layer for l + n = L): columns start, size, angular_distance, one row per
+    contiguous block of 1..L layers."""
+    anatomy = Anatomy.of(model)
+    layers = anatomy.blocks(model)
+    count = len(layers)
+    device = next(model.parameters()).device
+    sums = torch.zeros(count + 1, count + 1, dtype=torch.float64, device=device)
+    states: list[torch.Tensor] = []
+    prompts = 0
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        states.append((args[0] if args else kwargs["hidden_states"])[rows, last].double())
+
+    def keep_output(module: nn.Module, args: tuple, output) -> None:
+        states.append(
+            (output if isinstance(output, torch.Tensor) else output[0])[rows, last].double()
+        )
+
+    handles = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(keep_output))
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                rows = torch.arange(len(input_ids), device=device)
+                last = (attention_mask.sum(dim=1) - 1).to(device)
+                states.clear()
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                      use_cache=False)  # fmt: skip
+                unit = nn.functional.normalize(torch.stack([s.to(device) for s in states]), dim=-1)
+                cos = torch.einsum("ipd,jpd->ijp", unit, unit).clamp(-1.0, 1.0)
+                sums += (torch.arccos(cos) / math.pi).sum(dim=-1)
+                prompts += len(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if prompts == 0:
+        raise ValueError("no prompts in the batches")
+    rows_out = [
+        {
+            "start": start,
+            "size": size,
+            "angular_distance": float(sums[start, start + size]) / prompts,
+        }
+        for size in range(1, count + 1)
+        for start in range(count - size + 1)
+    ]
+    return pd.DataFrame(rows_out)
+
+
+def resolved_units(units: list[Ablation], baseline_dir: Path) -> list[Ablation]:
+    """Units as they run: a proxy-ordered layer_set becomes the layer set that the baseline's
+    proxies (in ``baseline_dir``) pick; the others stay as they are."""
+    if all(unit.order is None for unit in units):
+        return units
+    influence = pd.read_csv(baseline_dir / PROXIES).sort_values("layer")["block_influence"]
+    blocks = pd.read_csv(baseline_dir / BLOCK_DISTANCES)
+    distance = {(int(r.start), int(r.size)): float(r.angular_distance) for r in blocks.itertuples()}
+    return [resolved(unit, influence.tolist(), distance) for unit in units]
 
 
 def prompt_batches(

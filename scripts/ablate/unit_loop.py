@@ -34,7 +34,8 @@ from ablate.lm_eval_tasks import (
     run_lm_eval,
     task_manager,
 )
-from ablate.proxy import layer_proxies, prompt_batches
+from ablate.paths import BLOCK_DISTANCES, PROXIES
+from ablate.proxy import block_distances, layer_proxies, prompt_batches
 
 SAMPLE_FIELDS = (
     "task",
@@ -286,10 +287,12 @@ def write_proxies(
     model, tokenizer, samples: list[dict], out_dir: Path, batch_size: int, max_length: int
 ) -> None:
     """Layer-importance proxies of the unablated HF ``model`` over the task's own prompts (each
-    document's context, as lm-eval built it), beside the baseline's results."""
+    document's context, as lm-eval built it; a rolling task's: each document), beside the
+    baseline's results: per layer, and per contiguous block (multi-layer removal orders)."""
     contexts = list(dict.fromkeys(args[0] for s in samples for args in s["arguments"]))
-    frame = layer_proxies(model, prompt_batches(tokenizer, contexts, batch_size, max_length))
-    write_atomically(out_dir / "proxies.csv", frame.to_csv(index=False, float_format="%.6f"))
+    for name, proxies in ((PROXIES, layer_proxies), (BLOCK_DISTANCES, block_distances)):
+        frame = proxies(model, prompt_batches(tokenizer, contexts, batch_size, max_length))
+        write_atomically(out_dir / name, frame.to_csv(index=False, float_format="%.6f"))
 
 
 def evaluate_units(

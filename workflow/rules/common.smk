@@ -32,6 +32,8 @@ from ablate.paths import (
     FIGURE_PNG,
     FIGURE_PROVENANCE,
     MODEL_RECORD,
+    PROXIES,
+    BLOCK_DISTANCES,
     REQUEST_CACHES,
     TASK_RECORD,
     TOKEN_COUNTS,
@@ -97,27 +99,45 @@ def evaluation_file(model, task, ablation, name="results.json"):
     return EVALUATION_FILE.format(model=model, task=task, ablation=ablation, name=name)
 
 
+# (model, task) pairs with layer_set units of a proxy order: their layers are picked, when they
+# run, from the proxies their baseline job writes (a planning step inside the graph).
+PROXY_ORDERED = {
+    (chunk.model, chunk.task)
+    for chunk in evaluation_chunks(config)
+    if any(ablation.order for ablation in chunk.ablations)
+}
+
+
+def baseline_proxies(model, task):
+    names = (("proxies", PROXIES), ("blocks", BLOCK_DISTANCES))
+    if (model, task) not in PROXY_ORDERED:
+        names = names[:1]
+    return {key: evaluation_file(model, task, "base", name) for key, name in names}
+
+
 def chunk_inputs(chunk):
-    """The evaluated model's checkpoint, the o_proj source's for replacement chunks, the task."""
+    """The evaluated model's checkpoint, the o_proj source's for replacement chunks, the task;
+    for units of a proxy-ordered removal, the baseline's proxies that pick their layers."""
     inputs = {
         "model": model_marker(chunk.model),
         "task": rules.prefetch_task.output.marker.format(task=chunk.task),
     }
     if chunk.source:
         inputs["source"] = model_marker(chunk.source)
+    if any(ablation.order for ablation in chunk.ablations):
+        inputs |= baseline_proxies(chunk.model, chunk.task)
     return inputs
 
 
 def chunk_outputs(chunk):
-    """Per unit: lm-eval's results and samples; the baseline also has the layer proxies."""
+    """Per unit: lm-eval's results and samples; the baseline also has the layer proxies (and
+    the block distances, where a removal sweep orders layers by them)."""
     outputs = {
         key: [evaluation_file(chunk.model, chunk.task, a, name) for a in chunk.ids]
         for key, name in (("results", "results.json"), ("samples", "samples.jsonl"))
     }
     if chunk.ids == ("base",):
-        outputs["proxies"] = evaluation_file(
-            chunk.model, chunk.task, "base", "proxies.csv"
-        )
+        outputs |= baseline_proxies(chunk.model, chunk.task)
     return outputs
 
 
@@ -193,7 +213,7 @@ def figure_unit_files(figure_id):
     for model, task, ablation in figure_evaluations(config, figure_id):
         names = ["results.json", "samples.jsonl"]
         if ablation == "base":
-            names.append("proxies.csv")
+            names.append(PROXIES)
         files += [evaluation_file(model, task, ablation, name) for name in names]
     return files
 
