@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import torch
 
 from ablate.anatomy import Anatomy
@@ -130,5 +131,5 @@ def test_proxy_orders_pick_the_least_influential_layers_and_the_closest_block():
     assert block.id == "layers2+3"
     # Random draws are seeded permutations: nested sets, the same on every run.
     units = removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)
-    assert [set(u.layers) < set(v.layers) for u, v in zip(units, units[1:])] == [True, True]
+    assert [set(u.layers) < set(v.layers) for u, v in itertools.pairwise(units)] == [True, True]
     assert units == removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)
