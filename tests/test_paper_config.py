@@ -6,8 +6,9 @@ in the demo), every task keeps its lm-eval task, protocol, few-shot count, chat 
 figures' metrics and filters, and only limits, layer/head lists, batch sizes and generation
 budgets shrink. Settings SmolLM2 cannot honour are replaced and listed in :data:`REPLACED`.
 ``snakemake all`` then runs offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, an empty HF_HOME) on
-the `datasets` cache that :mod:`ablate.offline_datasets` builds from ../shared/data, plus a
-labelled fixture for the one hub config that has no offline copy (OpenBookQA's facts).
+the `datasets` cache that :mod:`ablate.offline_datasets` builds from ../shared/data, plus
+labelled fixtures for the hub configs that have no offline copy (OpenBookQA's facts,
+WikiText-2).
 
 143 jobs (50 evaluations); measured 12.8 min on 2 idle cores, 21 of its job-minutes in the
 evaluations: see docs/cluster.md, "Air-gapped clusters".
@@ -40,6 +41,7 @@ BATCH_SIZE = 8
 MAX_GEN_TOKS = 8
 SWEEP = [SMOLLM2["num_layers"] - 1]
 HEADS = [4]
+REMOVED = [1, 2]  # layers removed at once by a layer_set sweep
 # Every paper model becomes SmolLM2, and an o_proj source the demo's stand-in (SmolLM2 with seeded
 # noise on every o_proj weight): paper models with equal test specs are one model, so figures
 # that share a task share its jobs, as in the demo.
@@ -103,6 +105,18 @@ def fact_fixture() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+# FIXTURE, not data: WikiText-2 (EleutherAI/wikitext_document_level, the perplexity figures'
+# task) has no offline copy. These pages were written for this test in that dataset's schema;
+# their perplexities mean nothing.
+WIKITEXT = Repo("EleutherAI/wikitext_document_level", Features({"page": STRING}), configs={})
+WIKITEXT_PAGES = [
+    " = Fixture page = \n The river rises in the northern hills and flows south through three "
+    "towns before it reaches the sea . \n",
+    " = Another fixture = \n In 1901 the bridge was rebuilt in stone , and the old wooden one "
+    "was moved to the museum . \n",
+]
+
+
 def smollm2_layer(layer: int, paper_layers: int) -> int:
     """A layer the paper names, on SmolLM2: the same index where it exists, else the same distance
     from the top (Qwen3's last layer 35 of 36 -> 29; R1-Distill's 30 of 32 -> 28), as the demo."""
@@ -120,6 +134,10 @@ def shrink_ablation(ablation: dict[str, Any], paper_layers: set[int]) -> dict[st
         out["layers"] = [smollm2_layer(layer, layers) for layer in named]
     if ablation["kind"] in ("head", "paper_head") and ablation.get("heads", "all") == "all":
         out["heads"] = HEADS
+    if "removed" in ablation:
+        out["removed"] = REMOVED
+    if "seeds" in ablation:
+        out["seeds"] = ablation["seeds"][:1]
     return out
 
 
@@ -232,6 +250,10 @@ def test_paper_config_every_figure_offline(tmp_path, record_property):
     rows = fact_fixture()
     commit = hashlib.sha1(json.dumps(rows).encode()).hexdigest()
     write_config(cache / "datasets", OPENBOOKQA_ADDITIONAL, "additional", {"test": rows}, commit)
+    pages = {split: [{"page": page} for page in WIKITEXT_PAGES]
+             for split in ("train", "validation", "test")}  # fmt: skip
+    commit = hashlib.sha1(json.dumps(WIKITEXT_PAGES).encode()).hexdigest()
+    write_config(cache / "datasets", WIKITEXT, "wikitext-2-raw-v1", pages, commit)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -213,7 +213,7 @@ def dry_run_plan(job_rules: set[str], config: dict[str, Any], workdir: Path) -> 
     if ordered:  # costed as full passes: their first removed layer is not known yet
         line += (
             f"\n{len(ordered)} layer_set units ({ordered[0]}, ...) pick their layers from their "
-            "baseline's proxies when they run: after the baseline job, not in this plan"
+            "baseline's proxies when they run, after the baseline job (costed as full passes)"
         )
     return line
 

@@ -8,6 +8,7 @@ model's layer-importance proxies and their Spearman correlation with −Δ.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -29,6 +30,8 @@ FLOOR_NOTE = "scores 0 unablated: the model cannot do this task, so no Δ can sh
 
 
 def unit_name(row: pd.Series) -> str:
+    if row["ablation_kind"] == "layer_set":
+        return f"{int(row['layer'])} layers removed ({row['ablation']})"
     head = row["head"]
     return f"layer {int(row['layer'])}" + ("" if pd.isna(head) else f" head {int(head)}")
 
@@ -57,15 +60,24 @@ def findings(frame: pd.DataFrame) -> list[str]:
 
 def unit_axis_label(kind: str) -> str:
     """Indices are 0-based everywhere (``model.model.layers[i]``); the paper's head axis is 1-based."""
+    if kind == "layer_set":
+        return "layers removed"
     unit = {"head": "query head", "paper_head": "query head", "kv_group": "KV group"}
     return f"{unit.get(kind, 'layer')} (0-based)"
 
 
 def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:
-    """Dodged Δ bars per series with 95% interval whiskers; faded when not significant."""
+    """Dodged Δ bars per series with 95% interval whiskers; faded when not significant. Units
+    plotted at one x (random removal draws) share a bar: their mean Δ, whiskers over all their
+    intervals, significant if every one is."""
     width = 0.8 / len(colors)
     for index, (series, color) in enumerate(colors.items()):
-        rows = data[data["series"] == series]
+        rows = (
+            data[data["series"] == series]
+            .groupby("x", as_index=False)
+            .agg(delta=("delta", "mean"), ci_low=("ci_low", "min"), ci_high=("ci_high", "max"),
+                 significant=("significant", "all"))
+        )  # fmt: skip
         x = rows["x"] + (index - (len(colors) - 1) / 2) * width
         fill = [
             to_rgba(color, 1.0 if significant else FADED) for significant in rows["significant"]
@@ -85,6 +97,18 @@ def proxy_lines(ax, data: pd.DataFrame) -> None:
             ax.plot(rows["x"], rows[name], marker=".", markersize=3, linewidth=1,
                     label=f"{label}{suffix}, ρ(−Δ) = {rho:.2f}")  # fmt: skip
     ax.legend(fontsize="x-small", frameon=False)
+
+
+def log_axes(top, middle, data: pd.DataFrame) -> None:
+    """Scores on a log axis, Δ on a symmetric log axis (linear up to the baseline) with at most
+    about six decades labelled: one removed layer can multiply a perplexity by 10^6."""
+    top.set_yscale("log")
+    linear = max(1.0, float(data["baseline"].min()))
+    middle.set_yscale("symlog", linthresh=linear)
+    largest = float(max(data["ci_high"].abs().max(), data["delta"].abs().max(), linear))
+    decades = range(math.ceil(math.log10(linear)), math.ceil(math.log10(largest)) + 1)
+    stride = max(1, math.ceil(len(decades) / 6))
+    middle.set_yticks([0, *(10.0**k for k in decades[::stride])])
 
 
 def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_paths: list[Path]):
@@ -110,8 +134,12 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
             data=data, x="x", y="score", hue="series", marker="o", markersize=3,
             palette=score_colors, ax=top, legend=multi and column == 0,
         )  # fmt: skip
+        if multi and column == 0:  # one legend, where the lines leave room
+            top.legend(fontsize="x-small", loc="best", title=None)
         for _, base in data.groupby("series", sort=False)["baseline"].first().items():
             top.axhline(base, color="grey", linestyle="--", linewidth=0.8)
+        if not data["higher_is_better"].iloc[0]:  # perplexity: ablations multiply it
+            log_axes(top, middle, data)
         delta_bars(middle, data, delta_colors)
         metric = data["metric"].iloc[0]
         name = metric.split(",")[0]  # the lm-eval filter goes in the title, not the axis
@@ -125,10 +153,6 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
         middle.set(ylabel=f"Δ {name}")
         middle.set_title(SIGNIFICANCE_NOTE, fontsize="x-small", color="dimgrey")
         bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]))
-    if multi:  # one legend for all panels, below them, where long series names fit
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        axes[0, 0].get_legend().remove()
-        fig.legend(handles, labels, loc="outside lower center", frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
     caption = "\n".join(
         textwrap.fill(line, width=int(80 * len(panels))) for line in findings(frame)
