@@ -103,6 +103,21 @@ CASES = {
         lambda c: c["figures"]["fig13"]["ablation"].update(heads=[9]),
         r"ablation.heads: heads \[9\] out of range \(allowed: 0..8\)",
     ),
+    "layer_set without an order": (
+        lambda c: c["figures"]["fig5"].update(ablation={"kind": "layer_set", "removed": [1]}),
+        r"figures.fig5.panels\[0\].ablation.order: required for kind layer_set \(order allowed: "
+        r"block_influence, angular_block, random, explicit",
+    ),
+    "layer_set removing more layers than the model has": (
+        lambda c: c["figures"]["fig5"].update(
+            ablation={"kind": "layer_set", "order": "block_influence", "removed": [2, 31]}
+        ),
+        r"ablation.removed: \[31\] more layers than block_influence orders \(allowed: 1..30\)",
+    ),
+    "an order on a single-layer sweep": (
+        lambda c: c["figures"]["fig5"]["ablation"].update(order="random"),
+        r"figures.fig5.panels\[0\].ablation.order: only kind layer_set takes it",
+    ),
     "thinking without a switch": (
         lambda c: c["tasks"]["gsm8k_8shot_chat"].update(enable_thinking=True),
         r"tasks.gsm8k_8shot_chat.enable_thinking: model smollm2 has no thinking switch",
@@ -228,4 +243,17 @@ def test_a_backend_that_cannot_apply_a_kind_is_refused_in_one_line():
     assert str(error.value) == (
         "tasks.gsm8k_cot.backend: vllm cannot apply layer_swap ablations exactly, and figure "
         "fig19 sweeps them on task gsm8k_cot (allowed: hf; or define a second task)"
+    )
+
+
+def test_a_metric_the_paired_statistics_cannot_resample_is_refused():
+    from ablate.config import check_task_metrics
+
+    key = "figures.f.panels[0].metric"
+    check_task_metrics([(key, "mcc")], ["mcc,none"], "x", "t", {"mcc": "mean"})
+    with pytest.raises(ConfigError) as error:
+        check_task_metrics([(key, "f1")], ["f1,none"], "x", "t", {"f1": "f1"})
+    assert str(error.value) == (
+        "figures.f.panels[0].metric: 'f1' of lm-eval task t is aggregated by f1, which the paired "
+        "statistics cannot resample (allowed: mean, weighted_perplexity, bits_per_byte, perplexity)"
     )

@@ -263,3 +263,22 @@ def test_task_files_refused_at_config_time(tmp_path, monkeypatch, edit, message)
     with pytest.raises(ConfigError) as error:
         validate_config(config)
     assert str(error.value) == message.format(tmp_path)
+
+
+def test_prefetch_refuses_a_protocol_other_than_the_tasks_output_type(tmp_path):
+    from ablate.download import prefetch_task
+
+    task = {"lm_eval_task": "gsm8k_text_local", "protocol": "loglikelihood", "limit": 2}
+    with pytest.raises(ConfigError) as error:
+        prefetch_task(task, str(DATA_DIR), tmp_path / "task.json", task_id="text")
+    assert str(error.value) == (
+        "tasks.text.protocol: loglikelihood, but gsm8k_text_local is an lm-eval "
+        "loglikelihood_rolling task (allowed: loglikelihood_rolling)"
+    )
+    # As configured, the perplexity metrics are produced, aggregated over the corpus.
+    prefetch_task(task | {"protocol": "loglikelihood_rolling"}, str(DATA_DIR),
+                  tmp_path / "task.json", "text", [("figures.f.panels[0].metric", "bits_per_byte")])  # fmt: skip
+    record = json.loads((tmp_path / "task.json").read_text())
+    assert record["aggregations"] == {"word_perplexity": "weighted_perplexity",
+                                      "byte_perplexity": "weighted_perplexity",
+                                      "bits_per_byte": "bits_per_byte"}  # fmt: skip
