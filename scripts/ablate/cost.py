@@ -31,11 +31,14 @@ from ablate.tokens import TaskTokens
 KNOWN_DOCS = {
     "mmlu": 14042, "mmlu_continuation": 14042, "mmlu_generative": 14042, "hellaswag": 10042,
     "mathqa": 2985, "openbookqa": 500, "openbookqa_open": 500, "gsm8k": 1319, "gsm8k_cot": 1319,
-    "kv_retrieval": 500, "kv_retrieval_gen": 500,
+    "kv_retrieval": 500, "kv_retrieval_gen": 500, "wikitext": 62,
 }  # fmt: skip
 DEFAULT_DOCS = 1000
 # Uncounted tasks only: tokens per document, each of 4 options a full sequence (a prior).
 PROMPT_TOKENS, OPTIONS = 400, 4
+# Uncounted perplexity tasks: tokens per document, scored once. WikiText-2's test split has
+# 245,569 words (Merity et al. 2016) on 62 pages; at ~1.2 tokens per word, ~4,700 per page.
+DOCUMENT_TOKENS = {"wikitext": 4_700}
 
 Rates = dict[tuple[str, str, str], float]  # (device kind, backend, phase) -> s / (token x B)
 
@@ -69,6 +72,8 @@ class TaskCost:
             docs = task.get("limit") or KNOWN_DOCS.get(name, DEFAULT_DOCS)
             budget = docs * (task.get("gen_kwargs") or {}).get("max_gen_toks", 256)
             shared = sequences = docs * PROMPT_TOKENS * OPTIONS  # no context shared
+            if task["protocol"] == "loglikelihood_rolling":  # whole documents, once each
+                shared = sequences = docs * DOCUMENT_TOKENS.get(name, PROMPT_TOKENS)
             prompt, cached, tokens = docs * PROMPT_TOKENS, 0.0, "prior"
         else:
             docs, budget = counts.documents, counts.budget
