@@ -16,5 +16,7 @@ with rule_log(snakemake.log[0]):  # noqa: F821
     models = json.loads(snakemake.params.models)  # noqa: F821 (figure id -> its model ids)
     frames = {figure: pd.read_csv(snakemake.input[figure]) for figure in models}  # noqa: F821
     num_layers = json.loads(snakemake.params.num_layers)  # noqa: F821 (model id -> its layers)
-    table = check_claims(claims, frames, {f: set(ids) for f, ids in models.items()}, num_layers)
+    heads_per_group = json.loads(snakemake.params.heads_per_group)  # noqa: F821
+    figure_models = {f: set(ids) for f, ids in models.items()}
+    table = check_claims(claims, frames, figure_models, num_layers, heads_per_group)
     write_csv(table, snakemake.output.csv)  # noqa: F821

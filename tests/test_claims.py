@@ -168,13 +168,14 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 
 def paper_skeleton(config: dict, figure: str) -> pd.DataFrame:
-    """The CSV rows the paper config gives a figure (every unit, Δ −0.01 so that every unit has
-    a share of the series' drop, nothing significant)."""
+    """The CSV rows the paper config gives a figure (every unit, Δ −0.01 to −0.03 so that every
+    unit has a share of the series' drop and units rank, nothing significant)."""
     rows = [
         {"figure": run.figure, "panel": run.panel, "series": run.series, "model": run.model,
          "task": run.task, "metric": run.metric, "ablation_kind": run.kind, "layer": run.layer,
-         "head": run.head, "ablation": run.ablation, "score": 0.49, "baseline": 0.5, "delta": -0.01,
-         "p_holm": 1.0, "significant": False}
+         "head": run.head, "ablation": run.ablation, "score": 0.49, "baseline": 0.5,
+         "delta": -0.01 * (1 + (run.layer + (run.head or 0)) % 3), "p_holm": 1.0,
+         "significant": False}
         for run in figure_runs(config, figure)
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -189,7 +190,8 @@ def test_shipped_claims_select_real_units_of_the_paper_config():
     frames = {figure: paper_skeleton(config, figure) for figure in config["figures"]}
     models = {figure: set(frame["model"]) for figure, frame in frames.items()}
     num_layers = {model: spec["num_layers"] for model, spec in config["models"].items()}
-    result = check_claims(claims, frames, models, num_layers).set_index("claim")
+    per_group = {m: s["num_heads"] // s["num_kv_heads"] for m, s in config["models"].items()}
+    result = check_claims(claims, frames, models, num_layers, per_group).set_index("claim")
     assert not result["verdict"].str.startswith("not comparable").any(), result[
         ["figure", "verdict"]
     ]
@@ -199,10 +201,14 @@ def test_shipped_claims_select_real_units_of_the_paper_config():
 def test_shipped_claims_cover_every_figure():
     claims = load_claims(SHIPPED)
     assert {claim.figure for claim in claims} >= {f"fig{n}" for n in range(1, 23)}
-    # Head figures have a single-query-head series too: their claims are the paper's semantics.
+    # Head figures have a single-query-head series too: their claims are the paper's semantics,
+    # but for "heads of one group degrade alike", which that semantics makes true by construction.
     for claim in claims:
         if claim.figure in ("fig13", "fig16", "fig17", "fig18"):
-            assert claim.selection.series == PAPER_HEADS, claim.id
+            expected = (
+                "single query head h" if claim.selection.statistic == "group_share" else PAPER_HEADS
+            )
+            assert claim.selection.series == expected, claim.id
 
 
 def test_shipped_qwen3_layer_claims_take_the_most_affected_layer():
@@ -616,3 +622,43 @@ def test_half_drop_units_is_the_sparse_subset_carrying_half_the_drop():
     even = figure_frame([-0.1] * 8)  # half the drop takes 4 of 8 units
     result = verdicts([claim], even).loc["kv_first"]
     assert (result["reproduced_value"], result["verdict"]) == (pytest.approx(0.5), "does not hold")
+
+
+def test_similar_patterns_are_a_rank_correlation_unit_by_unit():
+    claim = {"id": "similar", "figure": "fig12", "model": "llama31_8b", "text": "t",
+             "paper_value": "similar",
+             "predicate": {"metric": "acc", "statistic": "spearman", "than": {"figure": "fig11"},
+                           "op": ">=", "value": 0.5}}  # fmt: skip
+    one_shot = figure_frame([-0.5, -0.1, -0.3, 0.0, -0.2], figure="fig11")
+    alike = figure_frame([-0.6, -0.05, -0.4, 0.01, -0.1], figure="fig12")  # the same ranks
+    reversed_ = figure_frame([0.0, -0.4, -0.2, -0.6, -0.3], figure="fig12")
+    assert verdicts([claim], alike, one_shot).loc["similar", "reproduced_value"] == pytest.approx(1)
+    result = verdicts([claim], reversed_, one_shot).loc["similar"]
+    assert result["reproduced_value"] == pytest.approx(-1.0)
+    assert result["verdict"] == "does not hold"
+    with pytest.raises(ValueError, match="spearman correlates a selection with its than"):
+        parse_claim(with_predicate(claim, than=None))
+
+
+def test_group_share_is_the_kv_groups_share_of_the_heads_delta_variance():
+    claim = {"id": "groups", "figure": "fig13", "model": "qwen3_8b", "text": "t",
+             "paper_value": "alike",
+             "predicate": {"metric": "acc", "statistic": "group_share", "op": ">=",
+                           "value": 0.5}}  # fmt: skip
+    # 6 heads, 2 per group: groups (-0.4, -0.6), (0.0, 0.0), (-0.1, -0.1).
+    deltas = [-0.4, -0.6, 0.0, 0.0, -0.1, -0.1]
+    frame = figure_frame(deltas, model="qwen3_8b", figure="fig13").assign(
+        ablation_kind="head", layer=35, head=range(6)
+    )
+    # mean -0.2; SS_total = 0.04+0.16+0.04+0.04+0.01+0.01 = 0.30; group means -0.5, 0, -0.1:
+    # SS_between = 2·(0.09 + 0.04 + 0.01) = 0.28; η² = 0.28 / 0.30.
+    claims = [parse_claim(claim)]
+    result = check_claims(claims, {"fig13": frame}, {"fig13": {"qwen3_8b"}}, {}, {"qwen3_8b": 2})
+    assert result.iloc[0]["reproduced_value"] == pytest.approx(0.28 / 0.30)
+    assert result.iloc[0]["verdict"] == "holds"
+    # Groups of three heads mix them: (-0.4, -0.6, 0.0), (0.0, -0.1, -0.1), means -1/3 and -1/15:
+    # SS_between = 3·2·(2/15)² = 8/75; η² = (8/75) / 0.30 = 16/45.
+    result = check_claims(claims, {"fig13": frame}, {"fig13": {"qwen3_8b"}}, {}, {"qwen3_8b": 3})
+    assert result.iloc[0]["reproduced_value"] == pytest.approx(16 / 45)
+    unknown = check_claims(claims, {"fig13": frame}, {"fig13": {"qwen3_8b"}}).iloc[0]
+    assert unknown["verdict"] == "not comparable"

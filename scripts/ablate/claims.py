@@ -34,7 +34,13 @@ DROP_SHARE = "drop_share"  # the units' Σ min(Δ, 0) over the series' Σ min(Δ
 # The smallest fraction of the units whose drops carry half of their Σ min(Δ, 0): "a sparse subset"
 HALF_DROP_UNITS = "half_drop_units"
 DROP_STATISTICS = (DROP_SHARE, HALF_DROP_UNITS)
-STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, *DROP_STATISTICS)
+# With than: Spearman's ρ of the two selections' quantity, unit by unit ("similar patterns")
+RANK_CORRELATION = "spearman"
+# Heads of one layer: the share of their Δs' variance between KV groups (η²: "heads within the
+# same group exhibit similar degradation patterns"); needs the model's heads per group
+GROUP_SHARE = "group_share"
+STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, *DROP_STATISTICS, RANK_CORRELATION,
+              GROUP_SHARE)  # fmt: skip
 QUANTITIES = ("delta", "score", "baseline")
 OPS: dict[str, Callable[[float, Any], bool]] = {
     "<=": operator.le,
@@ -137,6 +143,12 @@ def parse_claim(raw: Mapping[str, Any]) -> Claim:
         # Every key than leaves out is the claim's own (null resets layers/heads to every unit).
         than = _parse_selection(
             than, THAN_KEYS, dataclasses.asdict(selection), "predicate.than.", fail
+        )
+    if (selection.statistic == RANK_CORRELATION) != (
+        than is not None and than.statistic == RANK_CORRELATION
+    ):
+        raise fail(
+            "predicate.statistic", f"{RANK_CORRELATION} correlates a selection with its than"
         )
     if predicate["op"] not in OPS:
         raise fail("predicate.op", f"{predicate['op']!r} not in {tuple(OPS)}")
@@ -279,35 +291,62 @@ def claim_figures(claims: Iterable[Claim], figure: str, figures: Iterable[str]) 
     return [figure, *sorted(compared.intersection(figures) - {figure})]
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """What claims need of each model (by id): its layer count (``depth``) and query heads per
+    KV group (``group_share``)."""
+
+    num_layers: Mapping[str, int]
+    heads_per_group: Mapping[str, int]
+
+
+# A selection's statistic, None or why it is not comparable, its series' rows, its units' rows.
+Reduced = tuple[float, str | None, pd.DataFrame, pd.DataFrame]
+
+
+def rank_correlation(units: pd.DataFrame, other: pd.DataFrame, quantity: str) -> float:
+    """Spearman's ρ of ``quantity`` over the units (layer, head) both selections hold."""
+    from ablate.stats import spearman  # scipy: not at the workflow's parse
+
+    keys = ["layer", "head"]
+    paired = units.assign(head=units["head"].fillna(-1)).merge(
+        other.assign(head=other["head"].fillna(-1)), on=keys, suffixes=("", "_than")
+    )
+    return spearman(paired[quantity], paired[f"{quantity}_than"])
+
+
 def check_claims(
     claims: Iterable[Claim],
     frames: Mapping[str, pd.DataFrame],
     figure_models: Mapping[str, set[str]],
     num_layers: Mapping[str, int] | None = None,
+    heads_per_group: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """One row per claim (per model for ``model: any``): the reproduced statistic (or difference,
     with ``than``) and the verdict.
 
     ``frames`` maps figure id to its CSV (aggregate.COLUMNS); ``figure_models`` maps figure id to
-    the model ids its config draws; ``num_layers`` model id to its layer count (for ``depth``). A
+    the model ids its config draws; ``num_layers`` model id to its layer count (for ``depth``),
+    ``heads_per_group`` to its query heads per KV group (for ``group_share``). A
     selection is comparable only if its model is among those of its figure and is the model of
     every selected row; a missing figure or unit (or layer count) gives "not comparable" (and NaN
     when nothing at all was selected), a baseline at the floor "not comparable: baseline at floor".
     """
-    layer_counts = num_layers or {}
+    shapes = Shapes(num_layers or {}, heads_per_group or {})
 
-    def reduce(
-        claim: Claim, selection: Selection, model: str
-    ) -> tuple[float, str | None, pd.DataFrame]:
-        return _reduce(claim.id, selection, model, frames, figure_models, layer_counts)
+    def reduce(claim: Claim, selection: Selection, model: str) -> Reduced:
+        return _reduce(claim.id, selection, model, frames, figure_models, shapes)
 
     rows = []
     for claim in claims:
         for model in _claim_models(claim, frames):
-            value, reason, series = reduce(claim, claim.selection, model)
+            value, reason, series, units = reduce(claim, claim.selection, model)
             if claim.than is not None:
-                other, other_reason, _ = reduce(claim, claim.than, model)
-                value -= other
+                other, other_reason, _, other_units = reduce(claim, claim.than, model)
+                if claim.selection.statistic == RANK_CORRELATION:
+                    value = rank_correlation(units, other_units, claim.selection.quantity)
+                else:
+                    value -= other
                 reasons = {reason, other_reason} - {None}
                 reason = NOT_COMPARABLE if NOT_COMPARABLE in reasons else next(iter(reasons), None)
             if reason is None and math.isnan(value):
@@ -338,31 +377,43 @@ def _reduce(
     model: str,
     frames: Mapping[str, pd.DataFrame],
     figure_models: Mapping[str, set[str]],
-    num_layers: Mapping[str, int],
-) -> tuple[float, str | None, pd.DataFrame]:
-    """The selection's statistic, None or why it is not comparable, and the rows of its series.
-    ``model`` is the one a ``model: any`` selection is checked for (only its rows count)."""
+    shapes: Shapes,
+) -> Reduced:
+    """The selection's statistic, None or why it is not comparable, and the rows of its series
+    and of its units. ``model`` is the one a ``model: any`` selection is checked for (only its
+    rows count)."""
     frame = frames.get(selection.figure)
     if frame is None:
-        return math.nan, NOT_COMPARABLE, pd.DataFrame()
+        return math.nan, NOT_COMPARABLE, pd.DataFrame(), pd.DataFrame()
     if selection.model == ANY_MODEL:
         frame = frame[frame["model"].astype(str) == model]
     else:
         model = selection.model
     series = _series_rows(claim_id, selection, frame)
-    units, complete = _unit_rows(selection, series, num_layers.get(model))
+    units, complete = _unit_rows(selection, series, shapes.num_layers.get(model))
     if not len(units):
-        return math.nan, NOT_COMPARABLE, series
+        return math.nan, NOT_COMPARABLE, series, units
     in_config = model in figure_models.get(selection.figure, set())
-    value = _statistic(selection, units, series)
+    value = _statistic(selection, units, series, shapes.heads_per_group.get(model))
     if not (complete and in_config and set(units["model"]) == {model}):
-        return value, NOT_COMPARABLE, series
+        return value, NOT_COMPARABLE, series, units
     if selection.floor is not None and series["baseline"].max() <= selection.floor:
-        return value, AT_FLOOR, series
-    return value, None, series
+        return value, AT_FLOOR, series, units
+    return value, None, series, units
 
 
-def _statistic(selection: Selection, units: pd.DataFrame, series: pd.DataFrame) -> float:
+def _statistic(
+    selection: Selection, units: pd.DataFrame, series: pd.DataFrame, heads_per_group: int | None
+) -> float:
+    if selection.statistic == RANK_CORRELATION:  # of two selections: check_claims computes it
+        return math.nan
+    if selection.statistic == GROUP_SHARE:  # η² of Δ by KV group, over one layer's heads
+        if heads_per_group is None or units["head"].isna().any():
+            return math.nan
+        groups = units["head"].astype(int) // heads_per_group
+        total = ((units["delta"] - units["delta"].mean()) ** 2).sum()
+        between = units.groupby(groups)["delta"].transform("mean") - units["delta"].mean()
+        return float((between**2).sum() / total) if total else math.nan
     drops = units["delta"].clip(upper=0)
     if selection.statistic == DROP_SHARE:  # NaN where the series drops nowhere
         total = series["delta"].clip(upper=0).sum(skipna=False)

@@ -45,5 +45,7 @@ rule check_claims:
         models=get_claim_models,
         # Layer count of each of those models: claims.yaml `depth` is a fraction of it.
         num_layers=get_claim_num_layers,
+        # Query heads per KV group of each (claims.yaml statistic group_share).
+        heads_per_group=get_claim_heads_per_group,
     script:
         "../../scripts/check_claims.py"

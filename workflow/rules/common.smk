@@ -279,6 +279,18 @@ def get_claim_num_layers(wildcards):
     )
 
 
+def get_claim_heads_per_group(wildcards):
+    """Query heads per KV group of each model of the figures the claims read."""
+    return canonical(
+        {
+            model: config["models"][model]["num_heads"]
+            // config["models"][model]["num_kv_heads"]
+            for figure in claimed_figures(wildcards)
+            for model in figure_models(figure)
+        }
+    )
+
+
 def get_figure_files(figure_id):
     """A figure target's files, and the unit files its aggregation reads: Snakemake does not
     look below an up-to-date CSV, so a unit deleted after the figure was built is evaluated again
