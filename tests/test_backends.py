@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ablate import backends
 from ablate.ablations import Ablation
@@ -77,3 +79,14 @@ def test_a_toy_backend_job_scores_as_the_hf_backend(toy, embedded_dir, tmp_path)
         assert toy_result["provenance"]["backend"] == "toy"
         assert toy_result["provenance"]["packages"]["toy_backend"] == "1"
     assert "toy_backend" in sys.modules  # imported by the registry, by name
+
+
+def test_the_cluster_environment_installs_the_lock():
+    """envs/eval.yaml (every rule's conda environment but vLLM's) pins exactly what
+    requirements.lock pins, which `make setup` and CI install: `make lock` writes both."""
+    lock = [line for line in (REPO / "requirements.lock").read_text().splitlines()
+            if re.match(r"^[A-Za-z0-9].*==", line)]  # fmt: skip
+    env = yaml.safe_load((REPO / "envs/eval.yaml").read_text())
+    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert pip == lock and len(lock) > 100
+    assert "torch==2.13.0" in lock  # no local "+cpu" tag: a GPU cluster takes the CUDA build

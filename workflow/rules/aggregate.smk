@@ -17,7 +17,7 @@ rule aggregate_figure:
     log:
         "logs/aggregate/{figure}.log",
     conda:
-        "../../envs/plot.yaml"
+        "../../envs/eval.yaml"
     params:
         config=get_figure_config,
         results_dir=EVALUATIONS,
@@ -39,7 +39,7 @@ rule check_claims:
     log:
         "logs/claims/{figure}.log",
     conda:
-        "../../envs/plot.yaml"
+        "../../envs/eval.yaml"
     params:
         claims=get_figure_claims,
         models=get_claim_models,

@@ -12,7 +12,7 @@ rule plot_figure:
     log:
         "logs/plot/{figure}.log",
     conda:
-        "../../envs/plot.yaml"
+        "../../envs/eval.yaml"
     params:
         figure=get_figure_spec,
     script:

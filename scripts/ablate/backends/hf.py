@@ -11,6 +11,7 @@ request caches, so a resubmitted chunk computes only what a kill cut off.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,15 @@ def budget_flags(
         not (eos_id in row or any(s and s in decode(row) for s in stop))
         for row in generated.tolist()
     ]
+
+
+def locked_environment() -> dict[str, str]:
+    """The lock file this environment was installed from (``make setup``, envs/eval.yaml), by
+    digest, for the provenance: every package's version, not only those it names."""
+    lock = Path(__file__).resolve().parents[3] / "requirements.lock"
+    if not lock.exists():
+        return {}
+    return {"requirements.lock": hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}
 
 
 def window_key(context: list[int], continuation: list[int]) -> tuple[str, str]:
@@ -134,6 +144,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         yield
         lm.prefix_sweep.finish(ablation)
 
-    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer), progress=progress)
+    evaluate_units(lm, job, ablations, applied, lambda: (model, tokenizer),
+                   packages=locked_environment(), progress=progress)  # fmt: skip
     if lm.prefix_sweep is not None:  # every unit's request cache now holds all its answers
         lm.prefix_sweep.close(remove=True)
