@@ -117,7 +117,8 @@ def baseline_proxies(model, task):
 
 def chunk_inputs(chunk):
     """The evaluated model's checkpoint, the o_proj source's for replacement chunks, the task;
-    for units of a proxy-ordered removal, the baseline's proxies that pick their layers."""
+    for units of a proxy-ordered removal, the baseline's proxies that pick their layers.
+    """
     inputs = {
         "model": model_marker(chunk.model),
         "task": rules.prefetch_task.output.marker.format(task=chunk.task),
