@@ -636,7 +636,7 @@ def test_similar_patterns_are_a_rank_correlation_unit_by_unit():
     result = verdicts([claim], reversed_, one_shot).loc["similar"]
     assert result["reproduced_value"] == pytest.approx(-1.0)
     assert result["verdict"] == "does not hold"
-    with pytest.raises(ValueError, match="spearman correlates a selection with its than"):
+    with pytest.raises(ValueError, match="spearman compares a selection with its than"):
         parse_claim(with_predicate(claim, than=None))
 
 
@@ -662,3 +662,18 @@ def test_group_share_is_the_kv_groups_share_of_the_heads_delta_variance():
     assert result.iloc[0]["reproduced_value"] == pytest.approx(16 / 45)
     unknown = check_claims(claims, {"fig13": frame}, {"fig13": {"qwen3_8b"}}).iloc[0]
     assert unknown["verdict"] == "not comparable"
+
+
+def test_layer_by_layer_comparisons_of_two_series():
+    claim = {"id": "c", "figure": "fig6", "model": "llama31_8b", "text": "t", "paper_value": "p",
+             "predicate": {"metric": "acc", "series": "open", "statistic": "share_above",
+                           "than": {"series": "closed"}, "op": ">=", "value": 0.8}}  # fmt: skip
+    closed = figure_frame([-0.3, -0.2, -0.2, -0.1, -0.3], figure="fig6", series="closed")
+    opened = figure_frame([-0.1, -0.25, -0.05, 0.0, -0.05], figure="fig6", series="open")
+    frame = pd.concat([closed, opened])
+    # Open above closed at layers 0, 2, 3, 4 (gaps 0.2, 0.15, 0.1, 0.25), not at layer 1.
+    assert verdicts([claim], frame).loc["c", "reproduced_value"] == pytest.approx(0.8)
+    peak = with_predicate(claim, statistic="peak_gap_depth", op=">=", value=0.3)
+    result = verdicts([peak], frame, num_layers={"llama31_8b": 5}).loc["c"]
+    assert result["reproduced_value"] == pytest.approx(4 / 5) and result["verdict"] == "holds"
+    assert verdicts([peak], frame).loc["c", "verdict"] == "not comparable"  # no layer count

@@ -34,12 +34,14 @@ DROP_SHARE = "drop_share"  # the units' Σ min(Δ, 0) over the series' Σ min(Δ
 # The smallest fraction of the units whose drops carry half of their Σ min(Δ, 0): "a sparse subset"
 HALF_DROP_UNITS = "half_drop_units"
 DROP_STATISTICS = (DROP_SHARE, HALF_DROP_UNITS)
-# With than: Spearman's ρ of the two selections' quantity, unit by unit ("similar patterns")
-RANK_CORRELATION = "spearman"
+# With than, unit by unit (the units both selections hold): Spearman's ρ of their quantity
+# ("similar patterns"); the share of units where it is higher ("across almost all layers"); the
+# depth l / L of the unit where it is higher by the most ("the largest benefits appear in")
+PAIRED_STATISTICS = ("spearman", "share_above", "peak_gap_depth")
 # Heads of one layer: the share of their Δs' variance between KV groups (η²: "heads within the
 # same group exhibit similar degradation patterns"); needs the model's heads per group
 GROUP_SHARE = "group_share"
-STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, *DROP_STATISTICS, RANK_CORRELATION,
+STATISTICS = ("min", "max", "mean", *SIGNIFICANCE, *DROP_STATISTICS, *PAIRED_STATISTICS,
               GROUP_SHARE)  # fmt: skip
 QUANTITIES = ("delta", "score", "baseline")
 OPS: dict[str, Callable[[float, Any], bool]] = {
@@ -144,11 +146,10 @@ def parse_claim(raw: Mapping[str, Any]) -> Claim:
         than = _parse_selection(
             than, THAN_KEYS, dataclasses.asdict(selection), "predicate.than.", fail
         )
-    if (selection.statistic == RANK_CORRELATION) != (
-        than is not None and than.statistic == RANK_CORRELATION
-    ):
+    paired = selection.statistic in PAIRED_STATISTICS
+    if paired and (than is None or than.statistic != selection.statistic):
         raise fail(
-            "predicate.statistic", f"{RANK_CORRELATION} correlates a selection with its than"
+            "predicate.statistic", f"{selection.statistic} compares a selection with its than"
         )
     if predicate["op"] not in OPS:
         raise fail("predicate.op", f"{predicate['op']!r} not in {tuple(OPS)}")
@@ -304,15 +305,30 @@ class Shapes:
 Reduced = tuple[float, str | None, pd.DataFrame, pd.DataFrame]
 
 
-def rank_correlation(units: pd.DataFrame, other: pd.DataFrame, quantity: str) -> float:
-    """Spearman's ρ of ``quantity`` over the units (layer, head) both selections hold."""
+def paired_statistic(
+    statistic: str,
+    units: pd.DataFrame,
+    other: pd.DataFrame,
+    quantity: str,
+    num_layers: int | None,
+) -> float:
+    """A statistic of :data:`PAIRED_STATISTICS` over the units (layer, head) both selections
+    hold; NaN where none is shared (or, for peak_gap_depth, the model's layer count is unknown)."""
     from ablate.stats import spearman  # scipy: not at the workflow's parse
 
-    keys = ["layer", "head"]
     paired = units.assign(head=units["head"].fillna(-1)).merge(
-        other.assign(head=other["head"].fillna(-1)), on=keys, suffixes=("", "_than")
+        other.assign(head=other["head"].fillna(-1)), on=["layer", "head"], suffixes=("", "_than")
     )
-    return spearman(paired[quantity], paired[f"{quantity}_than"])
+    if not len(paired):
+        return math.nan
+    own, than = paired[quantity], paired[f"{quantity}_than"]
+    if statistic == "spearman":
+        return spearman(own, than)
+    if statistic == "share_above":
+        return float((own > than).mean())
+    if num_layers is None:
+        return math.nan
+    return float(paired.loc[(own - than).idxmax(), "layer"] / num_layers)
 
 
 def check_claims(
@@ -343,8 +359,12 @@ def check_claims(
             value, reason, series, units = reduce(claim, claim.selection, model)
             if claim.than is not None:
                 other, other_reason, _, other_units = reduce(claim, claim.than, model)
-                if claim.selection.statistic == RANK_CORRELATION:
-                    value = rank_correlation(units, other_units, claim.selection.quantity)
+                statistic = claim.selection.statistic
+                if statistic in PAIRED_STATISTICS:
+                    owner = model if claim.model == ANY_MODEL else claim.model
+                    value = paired_statistic(statistic, units, other_units,
+                                             claim.selection.quantity,
+                                             shapes.num_layers.get(owner))  # fmt: skip
                 else:
                     value -= other
                 reasons = {reason, other_reason} - {None}
@@ -405,7 +425,7 @@ def _reduce(
 def _statistic(
     selection: Selection, units: pd.DataFrame, series: pd.DataFrame, heads_per_group: int | None
 ) -> float:
-    if selection.statistic == RANK_CORRELATION:  # of two selections: check_claims computes it
+    if selection.statistic in PAIRED_STATISTICS:  # of two selections: check_claims computes it
         return math.nan
     if selection.statistic == GROUP_SHARE:  # η² of Δ by KV group, over one layer's heads
         if heads_per_group is None or units["head"].isna().any():
