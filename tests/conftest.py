@@ -3,6 +3,7 @@ converted once and cached across sessions."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,82 @@ def model(embedded_dir):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+
+
+PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many"
+
+
+@pytest.fixture()
+def batch(tokenizer):
+    """One tokenized prompt for the embedded model."""
+    return tokenizer([PROMPT], return_tensors="pt")
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def greedy(model, batch, n: int = 12) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=n, do_sample=False, use_cache=True)
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def without_layer(model, layer: int):
+    """A copy of ``model`` with decoder layer ``layer`` deleted by hand."""
+    import families
+    from ablate.anatomy import Anatomy
+
+    return families.without_layer(model, Anatomy.of(model), layer)
+
+
+# Fake unit results of a 2-layer model ``m`` on task ``t``, for the aggregation's checks.
+FAKE_CONFIG = {
+    "models": {"m": {"source": "embedded", "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}},
+    "tasks": {"t": {"lm_eval_task": "lmt", "protocol": "loglikelihood"}},
+    "figures": {"f": {"title": "f", "ablation": {"kind": "layer"},
+                      "series": [{"label": "s", "model": "m", "task": "t"}],
+                      "panels": [{"metric": "acc"}, {"metric": "acc_ce"}]}},
+}  # fmt: skip
+FAKE_PROVENANCE = {"model_revision": "abc", "task_versions": {"lmt": 1.0}, "num_fewshot": None,
+                   "limit": 4, "dtype": "float32", "packages": {"lm_eval": "0.4.13"}}  # fmt: skip
+
+
+def write_unit(root: Path, ablation: str, correct: list[int], **provenance) -> Path:
+    """A unit's results.json and samples.jsonl (and the baseline's proxies) with per-document
+    accuracies ``correct``."""
+    folder = root / "m" / "t" / ablation
+    folder.mkdir(parents=True, exist_ok=True)
+    acc = sum(correct) / len(correct)
+    record = {
+        "results": {"lmt": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_ce,none": 1 - acc}},
+        "n_samples": {"lmt": {"original": 100, "effective": len(correct)}},
+        "provenance": {**FAKE_PROVENANCE, **provenance},
+    }
+    (folder / "results.json").write_text(json.dumps(record))
+    samples = [
+        {"task": "lmt", "doc_id": i, "filter": "none", "acc": c, "acc_ce": 1 - c}
+        for i, c in enumerate(correct)
+    ]
+    (folder / "samples.jsonl").write_text("\n".join(map(json.dumps, samples)) + "\n")
+    if ablation == "base":
+        (folder / "proxies.csv").write_text(
+            "layer,block_influence,angular_distance\n0,0.5,0.3\n1,0.1,0.1\n"
+        )
+    return folder
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    """Fake results of FAKE_CONFIG's figure f: a baseline and both layers."""
+    write_unit(tmp_path, "base", [1, 1, 1, 0])
+    write_unit(tmp_path, "layer0", [0, 0, 1, 0])
+    write_unit(tmp_path, "layer1", [1, 1, 1, 1])
+    return tmp_path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

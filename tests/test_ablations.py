@@ -7,34 +7,9 @@ import copy
 import pytest
 import torch
 
-import families
 from ablate.ablations import Ablation, ablated, load_source_tensors
 from ablate.anatomy import Anatomy
-
-PROMPT = "The capital of France is Paris. The capital of Italy is"
-
-
-@pytest.fixture()
-def batch(tokenizer):
-    return tokenizer([PROMPT], return_tensors="pt")
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def greedy(model, batch, n: int = 12) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(**batch, max_new_tokens=n, do_sample=False, use_cache=True)
-
-
-def state_snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def without_layer(model, layer: int):
-    return families.without_layer(model, Anatomy.of(model), layer)
+from conftest import greedy, logits, state_snapshot, without_layer
 
 
 def decoder_layers(model):

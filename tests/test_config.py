@@ -10,16 +10,19 @@ import pytest
 import yaml
 
 from ablate.config import ConfigError, check_config, figure_evaluations, figure_runs
-from conftest import REPO, snakemake
+from conftest import DATA_DIR, REPO, snakemake
 
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
 DEMO = yaml.safe_load((REPO / "workflow/config/demo.yaml").read_text())
 
 
 def dry_run(config: dict, tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
+    """``snakemake -n`` in a working directory of its own (never the checkout's results)."""
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return snakemake(REPO, "-n", *targets, configfile=path)
+    path.write_text(yaml.safe_dump(config | {"data_dir": str(DATA_DIR)}))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    return snakemake(workdir, "-n", *targets, configfile=path)
 
 
 def test_both_configs_pass_the_checks():

@@ -3,54 +3,14 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from ablate.aggregate import ResultError, aggregate, write_csv
 from ablate.config import ConfigError
 from ablate.download import check_architecture, check_thinking_switch, check_token
-
-CONFIG = {
-    "models": {"m": {"source": "embedded", "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}},
-    "tasks": {"t": {"lm_eval_task": "lmt", "protocol": "loglikelihood"}},
-    "figures": {"f": {"title": "f", "ablation": {"kind": "layer"},
-                      "series": [{"label": "s", "model": "m", "task": "t"}],
-                      "panels": [{"metric": "acc"}, {"metric": "acc_ce"}]}},
-}  # fmt: skip
-PROVENANCE = {"model_revision": "abc", "task_versions": {"lmt": 1.0}, "num_fewshot": None,
-              "limit": 4, "dtype": "float32", "packages": {"lm_eval": "0.4.13"}}  # fmt: skip
-
-
-def write_unit(root: Path, ablation: str, correct: list[int], **provenance) -> Path:
-    folder = root / "m" / "t" / ablation
-    folder.mkdir(parents=True, exist_ok=True)
-    acc = sum(correct) / len(correct)
-    record = {
-        "results": {"lmt": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_ce,none": 1 - acc}},
-        "n_samples": {"lmt": {"original": 100, "effective": len(correct)}},
-        "provenance": {**PROVENANCE, **provenance},
-    }
-    (folder / "results.json").write_text(json.dumps(record))
-    samples = [
-        {"task": "lmt", "doc_id": i, "filter": "none", "acc": c, "acc_ce": 1 - c}
-        for i, c in enumerate(correct)
-    ]
-    (folder / "samples.jsonl").write_text("\n".join(map(json.dumps, samples)) + "\n")
-    if ablation == "base":
-        (folder / "proxies.csv").write_text(
-            "layer,block_influence,angular_distance\n0,0.5,0.3\n1,0.1,0.1\n"
-        )
-    return folder
-
-
-@pytest.fixture()
-def results(tmp_path) -> Path:
-    write_unit(tmp_path, "base", [1, 1, 1, 0])
-    write_unit(tmp_path, "layer0", [0, 0, 1, 0])
-    write_unit(tmp_path, "layer1", [1, 1, 1, 1])
-    return tmp_path
+from conftest import FAKE_CONFIG as CONFIG
+from conftest import write_unit
 
 
 def test_delta_is_ablated_minus_baseline(results, tmp_path):

@@ -257,19 +257,26 @@ def test_resumed_sweep_computes_only_the_missing_batches_bit_identically(
 
 
 def test_progress_lines_have_an_eta(caplog):
+    """On a clock the test sets: a step's ETA from its parts done, then from the last unit."""
     caplog.set_level(logging.INFO, logger="ablate")
-    with Progress(["layer3", "layer13"], interval_s=0.05) as progress:
-        progress.step("sweep batches", 0, 4)
-        time.sleep(0.1)
-        progress.step("sweep batches", 1, 4)
-        time.sleep(0.2)
-        progress.unit_done("layer3", 6, {"acc": 0.5})
-        time.sleep(0.2)
-    text = caplog.text
-    assert re.search(r"progress: unit 1/2 layer3, 0 done, 0m00s elapsed; sweep batches 1/4, "
-                     r"ETA 0m\d\ds, then 1 more units", text)  # fmt: skip
-    assert re.search(r"unit layer3 done \(1/2\): 6 documents, 0\.\d s, acc=0\.5", text)
-    assert re.search(r"progress: unit 2/2 layer13, 1 done, .*; ETA 0m00s \(last unit 0 s\)", text)
+    now = [100.0]
+    progress = Progress(["layer3", "layer13"], interval_s=3600, clock=lambda: now[0])
+    progress.step("sweep batches", 0, 4)
+    now[0] += 10
+    progress.step("sweep batches", 1, 4)
+    assert progress.line() == (
+        "progress: unit 1/2 layer3, 0 done, 0m10s elapsed; sweep batches 1/4, ETA 0m30s, "
+        "then 1 more units"
+    )
+    now[0] += 35
+    assert progress.unit_done("layer3", 6, {"acc": 0.5}) == 45
+    assert "unit layer3 done (1/2): 6 documents, 45.0 s, acc=0.5" in caplog.text
+    now[0] += 15
+    assert progress.line() == (
+        "progress: unit 2/2 layer13, 1 done, 1m00s elapsed; ETA 0m30s (last unit 45 s)"
+    )
+    now[0] += 60  # longer than the last unit took: no negative ETA
+    assert progress.line().endswith("ETA 0m00s (last unit 45 s)")
 
 
 # ---------------------------------------------- hit_budget of generations replayed from the cache

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import test_integrity
 from ablate.aggregate import ResultError, aggregate
 from ablate.config import ConfigError, load_config, load_config_file
 from ablate.plan import main
+from conftest import FAKE_CONFIG as CONFIG
 from conftest import REPO
-from test_integrity import CONFIG
 
 # Line 3 and line 7 both define fig5: YAML alone would keep the second.
 DUPLICATE = """\
@@ -114,8 +113,6 @@ def test_profiles_load_and_rerun_incomplete_jobs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
-
-results = test_integrity.results  # the fixture of fake unit results, shared
 
 FIX = (
     "an incomplete evaluation output: delete {} and rerun "

@@ -13,14 +13,7 @@ import families
 from ablate.ablations import Ablation, ablated, weight_edited
 from ablate.anatomy import Anatomy
 from ablate.proxy import layer_proxies, prompt_batches
-from test_ablations import greedy, logits, state_snapshot
-
-PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many"
-
-
-@pytest.fixture()
-def batch(tokenizer):
-    return tokenizer([PROMPT], return_tensors="pt")
+from conftest import PROMPT, greedy, logits, state_snapshot
 
 
 def without_sublayer(model, kind: str, layer: int):

@@ -16,19 +16,11 @@ from ablate.ablations import (
     weight_edits,
 )
 from ablate.anatomy import Anatomy
-from test_ablations import greedy, logits, state_snapshot, without_layer
+from conftest import greedy, logits, state_snapshot, without_layer
 
 
 def o_proj_key(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.o_proj.weight"
-
-
-PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many"
-
-
-@pytest.fixture()
-def batch(tokenizer):
-    return tokenizer([PROMPT], return_tensors="pt")
 
 
 @pytest.mark.parametrize("layer", [0, 13, 29])

@@ -65,13 +65,19 @@ class Progress:
     one line per finished unit, and a heartbeat thread every ``interval_s`` (default: the
     environment's ``ABLATE_PROGRESS_S``, else 30) the unit and step in progress (sweep batches,
     generations: :meth:`step`) with an ETA: of the step while one runs, else from the time of
-    the last finished unit."""
+    the last finished unit. ``clock`` tells the time (monotonic seconds)."""
 
-    def __init__(self, units: Sequence[str], interval_s: float | None = None) -> None:
+    def __init__(
+        self,
+        units: Sequence[str],
+        interval_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.units = list(units)
         default = float(os.environ.get("ABLATE_PROGRESS_S", PROGRESS_INTERVAL_S))
         self.interval_s = default if interval_s is None else interval_s
-        self.started = self.unit_started = time.monotonic()
+        self.clock = clock  # seconds; tests pass their own
+        self.started = self.unit_started = clock()
         self.unit_seconds: list[float] = []
         self._step: tuple[str, int, int, float] | None = None  # what, done, total, since
         self._stop = threading.Event()
@@ -93,13 +99,13 @@ class Progress:
         """``done`` of ``total`` parts of the current step are finished; 0 starts the step."""
         step = self._step
         if done == 0 or step is None or step[0] != what or step[2] != total:
-            self._step = (what, done, total, time.monotonic())
+            self._step = (what, done, total, self.clock())
         else:
             self._step = (what, done, total, step[3])
 
     def unit_done(self, unit: str, documents: int, scores: dict[str, float]) -> float:
         """Log the finished unit's line; its seconds."""
-        now = time.monotonic()
+        now = self.clock()
         seconds, self.unit_started, self._step = now - self.unit_started, now, None
         self.unit_seconds.append(seconds)
         shown = " ".join(f"{name}={value:.4g}" for name, value in scores.items())
@@ -110,7 +116,7 @@ class Progress:
         return seconds
 
     def line(self) -> str:
-        now, finished = time.monotonic(), len(self.unit_seconds)
+        now, finished = self.clock(), len(self.unit_seconds)
         current = self.units[min(finished, len(self.units) - 1)]
         text = (
             f"progress: unit {min(finished + 1, len(self.units))}/{len(self.units)} {current}, "
