@@ -8,7 +8,7 @@ from pathlib import Path
 from ablate.ablations import Ablation, ablated
 from ablate.job import Job
 from ablate.models import load_model
-from ablate.unit_loop import evaluate_units
+from ablate.unit_loop import Progress, evaluate_units
 
 
 def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
@@ -22,5 +22,6 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         ablations,
         lambda ablation: ablated(model, ablation),
         lambda: (model, tokenizer),
+        Progress([ablation.id for ablation, _ in ablations]),
         packages={"toy_backend": "1"},
     )

@@ -165,9 +165,9 @@ class BudgetTracking:
     ``_model_generate`` calls :meth:`record_budget_hits` with one flag per generated row."""
 
     hit_budget = 0
-    progress: Progress | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Progress | None = None, **kwargs: Any) -> None:
+        self.progress = progress  # the job's (generations done are a step of its units)
         self._budget_flags: deque[bool] = deque()
         self._request_args: dict[str, tuple] = {}  # context -> arguments of the current call
         self._generations = (0, 0)  # done, total of the current generate_until call
@@ -307,23 +307,22 @@ def evaluate_units(
     ablations: list[tuple[Ablation, Path]],
     applied: Callable[[Ablation], AbstractContextManager],
     unablated_hf_model: Callable[[], tuple[Any, Any]],
+    progress: Progress,
     packages: dict[str, str] | None = None,
-    progress: Progress | None = None,
 ) -> None:
-    """One lm-eval evaluation of ``lm`` per (ablation, output folder), inside ``applied(ablation)``;
+    """One lm-eval evaluation of ``lm`` per (ablation, output folder), inside ``applied(ablation)``
+    (the backend's way of applying a unit: hooks, a shared-prefix sweep, weight edits);
     ``lm.hit_budget`` counts the unit's generations that used their whole budget. The baseline's
     folder also gets the layer proxies, after every unit, from the (model, tokenizer)
-    ``unablated_hf_model()`` returns (proxies need hidden states). ``packages``: the backend's
-    own package versions, for the provenance. ``progress`` (default: a new one) logs the job's
-    progress; a backend passes its own to wire steps (sweep batches) into it."""
+    ``unablated_hf_model()`` returns (proxies need hidden states). ``progress`` logs the job's
+    progress (the backend wires its steps, sweep batches or generations, into it). ``packages``:
+    the backend's own package versions, for the provenance."""
     amortize_lm_eval_overheads()
     manager = task_manager(job.task, job.data_dir)
     tasks, built = load_task(manager, job.task["lm_eval_task"])
     metrics = metric_properties(built)
     lengths: dict[tuple[str, str], int] = {}
     baseline = None
-    progress = progress or Progress([a.id for a, _ in ablations])
-    lm.progress = progress
     with progress:
         for ablation, out_dir in ablations:
             start = time.perf_counter()

