@@ -19,6 +19,19 @@ from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
 
 PATHS = ("model_dir", "source_dir", "cache_dir")
+# Model keys that change no evaluation (legend, planner, SLURM request): editing one reruns no job.
+COSMETIC_MODEL_KEYS = ("label", "params_b", "gpus")
+
+
+def evaluated_model(spec: dict[str, Any], backend: str = "hf") -> dict[str, Any]:
+    """The model settings (config ``models.<id>``) that decide a job's answers, the one place
+    that says so: rule params (a change reruns the job), the job's data and its request caches'
+    key (:meth:`Job.computed_with`) all take them from here. ``gpus`` counts where the backend
+    shards the model over them (vLLM's tensor parallelism), not on HF."""
+    model = {key: value for key, value in spec.items() if key not in COSMETIC_MODEL_KEYS}
+    if backend != "hf":
+        model["gpus"] = spec["gpus"]
+    return model
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import TaskCost, chunk_seconds, prior_rates
+from ablate.job import evaluated_model
 from ablate.paths import (
     BENCHMARK,
     CLAIMS_CSV,
@@ -150,17 +151,8 @@ def canonical(value):
     return json.dumps(value, sort_keys=True).replace("<", "\\u003c")
 
 
-# Model keys that change no evaluation (legend, planner, SLURM request): edits must not rerun one.
-COSMETIC_MODEL_KEYS = ("label", "params_b", "gpus")
-
-
-def evaluated_model(model_id):
-    spec = config["models"][model_id]
-    return {k: v for k, v in spec.items() if k not in COSMETIC_MODEL_KEYS}
-
-
 def get_model_spec(wildcards):
-    return canonical(evaluated_model(wildcards.model))
+    return canonical(evaluated_model(config["models"][wildcards.model]))
 
 
 def get_task_spec(wildcards):
@@ -187,12 +179,9 @@ def get_figure_config(wildcards):
 
 def evaluation_job(chunk):
     """The job's data (ablate.job.Job fields) as canonical JSON."""
-    model = evaluated_model(chunk.model)
-    if chunk.backend != "hf":  # tensor parallelism over the job's GPUs
-        model["gpus"] = config["models"][chunk.model]["gpus"]
     return canonical(
         {
-            "model": model,
+            "model": evaluated_model(config["models"][chunk.model], chunk.backend),
             "task": task_settings(config, chunk.task),
             "data_dir": config["data_dir"],
             "seed": config["seed"],
