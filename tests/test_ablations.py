@@ -155,5 +155,5 @@ def test_ablation_ids_round_trip():
         "oprojcum0_from_x",
     ]:
         assert Ablation.parse(ablation_id).id == ablation_id
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="is not one of: base, layer"):
         Ablation.parse("layer-1")

@@ -84,17 +84,20 @@ CONFIG_KINDS = (*ID_PREFIX, "paper_head", LAYER_SET)
 # known from the config alone.
 PROXY_ORDERS = ("block_influence", "angular_block")
 REMOVAL_ORDERS = (*PROXY_ORDERS, "random", "explicit")
+QUERY_HEAD_KINDS = ("head", "paper_head")  # config kinds sweeping query heads (KV groups: kv_group)
+# Config kinds with a layer-importance proxy, and the prefix of its columns in proxies.csv
+# (ablate.proxy: the whole layer, or the residual stream around one sublayer).
+PROXY_COLUMN_PREFIX = {"layer": "", "attn": "attn_", "mlp": "mlp_"}
 _KIND_OF_PREFIX = {prefix: kind for kind, prefix in ID_PREFIX.items()}
-ABLATION_PATTERN = (
-    r"base|(?:layer|attn|mlp)\d+|(?:head|kvgroup)\d+\.\d+|"
-    r"(?:oproj|layerswap)(?:cum)?\d+_from_[a-z0-9_]+|"
-    r"layers\d+(?:\+\d+)*|drop\d+_by_(?:" + "|".join(PROXY_ORDERS) + ")"
-)
-_LAYER_SET = re.compile(r"^layers(?P<layers>\d+(?:\+\d+)*)$")
-_BY_ORDER = re.compile(r"^drop(?P<count>\d+)_by_(?P<order>" + "|".join(PROXY_ORDERS) + ")$")
-_PARSE = re.compile(
-    r"^(?:(?P<base>base)|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?"
-    r"(?:_from_(?P<source>[a-z0-9_]+))?)$"
+# The id grammar of the table above, one pattern: a kind's prefix and its numbers, a layer set,
+# or a proxy order's count (parse() checks that a prefix's parts are the ones its kind has).
+ID_FORMS = ("base, layer{L}, attn{L}, mlp{L}, head{L}.{H}, kvgroup{L}.{G}, oproj{L}_from_{M}, "
+            "oprojcum{L}_from_{M}, layerswap{L}_from_{M}, layerswapcum{L}_from_{M}, "
+            "layers{A}+{B}..., drop{N}_by_{order}")  # fmt: skip
+_ID = re.compile(
+    r"^(?:(?P<base>base)|layers(?P<set>\d+(?:\+\d+)*)"
+    r"|drop(?P<count>\d+)_by_(?P<order>" + "|".join(PROXY_ORDERS) + ")"
+    r"|(?P<prefix>[a-z]+?)(?P<layer>\d+)(?:\.(?P<head>\d+))?(?:_from_(?P<source>[a-z0-9_]+))?)$"
 )
 
 
@@ -111,19 +114,19 @@ class Ablation:
 
     @classmethod
     def parse(cls, ablation_id: str) -> Ablation:
-        if match := _LAYER_SET.match(ablation_id):
-            layers = tuple(int(layer) for layer in match["layers"].split("+"))
+        match = _ID.match(ablation_id)
+        kind = _KIND_OF_PREFIX.get(match["prefix"]) if match and match["prefix"] else None
+        if match is None or (match["prefix"] and not _well_formed(kind, match)):
+            raise ValueError(f"ablation id {ablation_id!r} is not one of: {ID_FORMS}")
+        if match["base"]:
+            return cls("base")
+        if match["set"]:
+            layers = tuple(int(layer) for layer in match["set"].split("+"))
             if list(layers) != sorted(set(layers)):
                 raise ValueError(f"ablation id {ablation_id!r}: layers not ascending and distinct")
             return cls(LAYER_SET, layers=layers)
-        if match := _BY_ORDER.match(ablation_id):
+        if match["order"]:
             return cls(LAYER_SET, layer=int(match["count"]), order=match["order"])
-        match = _PARSE.match(ablation_id)
-        kind = _KIND_OF_PREFIX.get(match["prefix"]) if match and not match["base"] else None
-        if match is None or not (match["base"] or _well_formed(kind, match)):
-            raise ValueError(f"ablation id {ablation_id!r} does not match {ABLATION_PATTERN}")
-        if match["base"]:
-            return cls("base")
         head = int(match["head"]) if match["head"] is not None else None
         return cls(kind, layer=int(match["layer"]), head=head, source=match["source"])
 
@@ -188,6 +191,23 @@ class Ablation:
             self.head or 0,
             self.layers,
         )
+
+
+def axis_label(kind: str) -> str:
+    """A figure's x axis for a config kind. Indices are 0-based everywhere
+    (``model.model.layers[i]``); the paper's head axis is 1-based."""
+    if kind == LAYER_SET:
+        return "layers removed"
+    unit = {"head": "query head", "paper_head": "query head", "kv_group": "KV group"}
+    return f"{unit.get(kind, 'layer')} (0-based)"
+
+
+def unit_name(kind: str, position: int, head: int | None, ablation_id: str) -> str:
+    """A plotted unit in words, for a figure's findings (``position``: its x, a layer or the
+    number of layers a layer_set removes)."""
+    if kind == LAYER_SET:
+        return f"{position} layers removed ({ablation_id})"
+    return f"layer {position}" + ("" if head is None else f" head {head}")
 
 
 def _well_formed(kind: str | None, match: re.Match) -> bool:

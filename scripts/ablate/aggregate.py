@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablate.ablations import PROXY_COLUMN_PREFIX
 from ablate.config import Run, figure_runs
 from ablate.io import write_atomically
 from ablate.paths import UNIT_DIR
@@ -204,14 +205,10 @@ def harm(rows: pd.DataFrame) -> pd.Series:
     return sign * rows["delta"]
 
 
-# Ablation kinds with a proxy, and the prefix of its columns in proxies.csv (ablate.proxy).
-PROXY_KINDS = {"layer": "", "attn": "attn_", "mlp": "mlp_"}
-
-
 def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
     """Proxy values of each layer or sublayer row, and per (panel, series) their Spearman ρ
     with the harm (−Δ; Δ where lower is better)."""
-    with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_KINDS))]
+    with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_COLUMN_PREFIX))]
     for (model, task), rows in with_proxy.groupby(["model", "task"]):
         path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
         if not path.exists():
@@ -219,7 +216,7 @@ def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
         proxies = pd.read_csv(path).set_index("layer")  # once for layer and sublayer rows
         for kind, kind_rows in rows.groupby("ablation_kind"):
             for name in PROXIES:
-                column = PROXY_KINDS[kind] + name
+                column = PROXY_COLUMN_PREFIX[kind] + name
                 if column not in proxies:
                     raise ResultError(f"{path}: no {column} (an older baseline: delete its folder)")
                 frame.loc[kind_rows.index, name] = proxies.loc[

@@ -20,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_rgba
 
+from ablate.ablations import axis_label, unit_name
 from ablate.aggregate import harm
 
 SCORE_COLOR, DELTA_COLOR = "tab:blue", "goldenrod"
@@ -29,11 +30,9 @@ PROXY_LABELS = {"block_influence": "block influence", "angular_distance": "angul
 FLOOR_NOTE = "scores 0 unablated: the model cannot do this task, so no Δ can show"
 
 
-def unit_name(row: pd.Series) -> str:
-    if row["ablation_kind"] == "layer_set":
-        return f"{int(row['layer'])} layers removed ({row['ablation']})"
-    head = row["head"]
-    return f"layer {int(row['layer'])}" + ("" if pd.isna(head) else f" head {int(head)}")
+def row_unit(row: pd.Series) -> str:
+    head = None if pd.isna(row["head"]) else int(row["head"])
+    return unit_name(row["ablation_kind"], int(row["layer"]), head, row["ablation"])
 
 
 def findings(frame: pd.DataFrame) -> list[str]:
@@ -52,18 +51,10 @@ def findings(frame: pd.DataFrame) -> list[str]:
         change = "drop" if worst["higher_is_better"] else "rise"
         lines.append(
             f"{prefix}: baseline {baseline:.3f}; {significant.sum()} of {len(rows)} units with a "
-            f"significant Δ; largest {change} {unit_name(worst)}, Δ {worst['delta']:+.3f} "
+            f"significant Δ; largest {change} {row_unit(worst)}, Δ {worst['delta']:+.3f} "
             f"(p_holm {worst['p_holm']:.1g})"
         )
     return lines
-
-
-def unit_axis_label(kind: str) -> str:
-    """Indices are 0-based everywhere (``model.model.layers[i]``); the paper's head axis is 1-based."""
-    if kind == "layer_set":
-        return "layers removed"
-    unit = {"head": "query head", "paper_head": "query head", "kv_group": "KV group"}
-    return f"{unit.get(kind, 'layer')} (0-based)"
 
 
 def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:
@@ -152,7 +143,7 @@ def plot_figure(frame: pd.DataFrame, title: str, panel_titles: list[str], out_pa
             middle.set(xlabel="")
         middle.set(ylabel=f"Δ {name}")
         middle.set_title(SIGNIFICANCE_NOTE, fontsize="x-small", color="dimgrey")
-        bottom.set(xlabel=unit_axis_label(data["ablation_kind"].iloc[0]))
+        bottom.set(xlabel=axis_label(data["ablation_kind"].iloc[0]))
     fig.suptitle(textwrap.fill(title, width=int(48 * len(panels))))
     caption = "\n".join(
         textwrap.fill(line, width=int(80 * len(panels))) for line in findings(frame)

@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ablate.ablations import CONFIG_KINDS, LAYER_SET, REMOVAL_ORDERS, SOURCE_KINDS
+from ablate.ablations import (
+    CONFIG_KINDS,
+    LAYER_SET,
+    QUERY_HEAD_KINDS,
+    REMOVAL_ORDERS,
+    SOURCE_KINDS,
+)
 from ablate.backends import BACKENDS
 from ablate.config.errors import ConfigError, listed
 from ablate.config.runs import evaluation_backends, panel_series, series_ablation
@@ -51,7 +57,7 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
     kind = ablation["kind"]
     _check_range(f"{key}.layers", ablation.get("layers", "all"), model["num_layers"], "layers")
     _check_removal(key, ablation, model["num_layers"])
-    if kind in ("head", "paper_head"):
+    if kind in QUERY_HEAD_KINDS:
         _check_range(f"{key}.heads", ablation.get("heads", "all"), model["num_heads"], "heads")
     if kind == "kv_group":
         if model["num_kv_heads"] >= model["num_heads"]:
