@@ -20,6 +20,7 @@ from conftest import DATA_DIR, REPO, snakemake
 pytestmark = pytest.mark.slow
 FAKE_TOKEN = "hf_NOT_A_REAL_TOKEN_but_must_never_be_written"
 TOKEN = {"HF_TOKEN": FAKE_TOKEN}
+CHROMIUM = "/usr/bin/chromium"
 TINY = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
 
 
@@ -317,6 +318,50 @@ def test_report_collects_the_figures(tiny_run, tmp_path):
     html = report.read_text(errors="ignore")
     for category in ("Figures", "Figure data", "Paper claims", "Provenance"):
         assert category in html, category
+
+
+def browser_view(report: Path, figures: list[str]) -> dict[str, tuple[str, int]]:
+    """What a reader sees in headless Chromium: per figure of the report's "Figures" category,
+    its description (the info view) and its image's rendered width in pixels (the eye view)."""
+    from playwright.sync_api import sync_playwright
+
+    seen = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(report.as_uri())
+        for figure in figures:
+            for icon in ("information-circle", "eye"):
+                page.get_by_text("Figures", exact=True).first.click()
+                row = page.locator("tr", has=page.get_by_text(figure, exact=True))
+                row.locator(f"a[iconname={icon}]").click()
+                if icon == "eye":
+                    image = page.locator(f"img[src*='filename={figure}.png']")
+                    width = image.evaluate("img => img.complete ? img.naturalWidth : 0")
+                else:
+                    description = page.inner_text("body")
+            seen[figure] = (description, width)
+        browser.close()
+    return seen
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"no {CHROMIUM}: Debian's chromium package (CI's setup installs it)",
+)
+def test_report_shows_each_figure_with_its_caption_in_a_browser(tiny_run, tmp_path):
+    """The report as a reader opens it, in a real browser: each figure's image renders, and its
+    description reads the figure's title from the config (not the template's placeholders)."""
+    report = tmp_path / "report.html"
+    result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report), env=TOKEN)
+    assert result.returncode == 0, result.stdout[-2000:]
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    seen = browser_view(report, ["tiny_layers", "tiny_heads"])
+    for figure, (description, width) in seen.items():
+        title = config["figures"][figure]["title"]
+        assert f"{figure}: {title}. Score per ablated unit" in description, description[:500]
+        assert "built-in method" not in description
+        assert width > 300, figure
 
 
 def test_report_captions_show_the_config_and_escape_it(tiny_copy, tmp_path):
