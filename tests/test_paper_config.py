@@ -10,8 +10,7 @@ the `datasets` cache that :mod:`ablate.offline_datasets` builds from ../shared/d
 labelled fixtures for the hub configs that have no offline copy (OpenBookQA's facts,
 WikiText-2).
 
-143 jobs (50 evaluations); measured 12.8 min on 2 idle cores, 21 of its job-minutes in the
-evaluations: see docs/cluster.md, "Air-gapped clusters".
+Its timing: docs/cluster.md, "Air-gapped clusters".
 """
 
 from __future__ import annotations
