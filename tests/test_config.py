@@ -183,7 +183,8 @@ def test_cross_key_errors_name_the_key(case):
         (
             lambda c: c["tasks"]["kv_retrieval"].update(protocol="perplexity"),
             "tasks.kv_retrieval.protocol: 'perplexity' is not one of ['loglikelihood', "
-            "'generate_until'] (allowed: loglikelihood, generate_until)",
+            "'loglikelihood_rolling', 'generate_until'] (allowed: loglikelihood, "
+            "loglikelihood_rolling, generate_until)",
         ),
         (
             lambda c: c["tasks"]["gsm8k_1shot"].update(backend="sglang"),
@@ -192,7 +193,7 @@ def test_cross_key_errors_name_the_key(case):
         (
             lambda c: c["figures"]["fig5"]["ablation"].update(kind="neuron"),
             "(allowed: layer, attn, mlp, head, kv_group, paper_head, oproj, oproj_cumulative, "
-            "layer_swap, layer_swap_cumulative)",
+            "layer_swap, layer_swap_cumulative, layer_set)",
         ),
         (
             lambda c: c["models"]["smollm2"].update(dtyp="bfloat16"),
