@@ -2,7 +2,7 @@
 (ablate.cost) charges a job instead of a flat guess per document.
 
 lm-eval itself builds the requests (few-shot examples, chat template, thinking switch, every
-option) for a model (:func:`request_counter`) that answers nothing and keeps what it was asked,
+option) for a model (:class:`ablate.request_counter.RequestCounter`) that answers nothing and keeps what it was asked,
 tokenized by lm-eval's own ``TemplateLM`` encoding. Log-likelihood requests are then batched as
 the shared-prefix sweep batches them (ablate.sweep), padding included, with and without running
 each context once for its options.
@@ -127,77 +127,6 @@ class TaskTokens:
     settings: dict[str, Any]
 
 
-def request_counter(tokenizer, task: dict[str, Any], max_length: int):
-    """An lm-eval model that records the token ids of the requests it gets and answers dummies;
-    lm-eval's own ``TemplateLM`` encodes them (as ``HFLM`` does). Imported here: the workflow
-    reads token counts at parse time without lm-eval."""
-    from lm_eval.api.model import TemplateLM
-
-    class RequestCounter(TemplateLM):
-        def __init__(self, tokenizer, task: dict[str, Any], max_length: int) -> None:
-            super().__init__()
-            self.tokenizer, self.max_length = tokenizer, max_length
-            self.chat_template_args = (
-                {"enable_thinking": task["enable_thinking"]} if "enable_thinking" in task else {}
-            )
-            self.scored: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-            self.prompts: list[tuple[list[int], int]] = []  # (prompt tokens, max_gen_toks)
-
-        @property
-        def eot_token_id(self) -> int:
-            return self.tokenizer.eos_token_id
-
-        @property
-        def tokenizer_name(self) -> str:
-            return self.tokenizer.name_or_path.replace("/", "__")
-
-        def chat_template(self, chat_template: bool | str = False) -> str | None:
-            return self.tokenizer.chat_template if chat_template else None
-
-        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-            return self.tokenizer.apply_chat_template(
-                chat_history,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=not add_generation_prompt,
-                **self.chat_template_args,
-            )
-
-        def tok_encode(
-            self, string: str, add_special_tokens: bool | None = None, **kwargs
-        ) -> list[int]:
-            return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
-
-        def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
-            self.scored.extend((tuple(context), tuple(cont)) for _, context, cont in requests)
-            return [(0.0, False)] * len(requests)
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            for request in requests:
-                context, settings = request.args
-                self.prompts.append((self.tok_encode(context), settings.get("max_gen_toks", 256)))
-            return [""] * len(requests)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            # The windows HFLM scores, one per max_length tokens, each after a one-token context.
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-            for request in requests:
-                windows = get_rolling_token_windows(
-                    token_list=self.tok_encode(request.args[0]),
-                    prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length,
-                    context_len=1,
-                )
-                self.scored.extend(
-                    (tuple(context), tuple(continuation))
-                    for context, continuation in map(make_disjoint_window, windows)
-                )
-            return [0.0] * len(requests)
-
-    return RequestCounter(tokenizer, task, max_length)
-
-
 def padded_tokens(
     requests: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
     batch_size: int,
@@ -228,13 +157,14 @@ def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> T
     from transformers import AutoConfig, AutoTokenizer
 
     from ablate.lm_eval_tasks import load_task, run_lm_eval, task_manager
+    from ablate.request_counter import RequestCounter
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The evaluation's context cap, as HFLM sets it where the task has none: the model's.
     max_length = task.get("max_length") or resolve_max_length(
         AutoConfig.from_pretrained(model_dir), tokenizer
     )
-    counter = request_counter(tokenizer, task, max_length)
+    counter = RequestCounter(tokenizer, task, max_length)
     manager = task_manager(task, data_dir)
     job = Job(model_dir=model_dir, model={}, task=task, data_dir=data_dir)
     tasks, _ = load_task(manager, task["lm_eval_task"])
