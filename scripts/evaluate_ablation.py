@@ -17,10 +17,13 @@ with sole_writer(f"{snakemake.log[0]}.lock"), rule_log(snakemake.log[0], offline
 
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     params, source = snakemake.params, snakemake.input.get("source")  # noqa: F821
+    task_record = json.loads(Path(snakemake.input.task).read_text())  # noqa: F821
     job = Job(
         model_dir=Path(snakemake.input.model).parent,  # noqa: F821
         source_dir=Path(source).parent if source else None,
         cache_dir=Path(params.cache_dir),
+        block_distances=bool(snakemake.output.get("blocks")),  # noqa: F821
+        registry_folders=task_record.get("registry_folders", []),  # older records: none
         **json.loads(params.job),
     )
     # One output folder per unit, in the chunk's order; a proxy-ordered layer set as the

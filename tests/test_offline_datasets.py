@@ -65,14 +65,31 @@ def rows(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in lines]
 
 
-def offline_probe(tmp_path: Path, cache: Path | None) -> dict[str, Any]:
+# Runs offline: prefetch of registered tasks, and the registry folders each record names.
+PREFETCH = """
+import json, sys
+from pathlib import Path
+from ablate.download import prefetch_task
+
+folders = {}
+for name, protocol in json.loads(sys.argv[1]):
+    record = Path(sys.argv[2]) / f"{name}.json"
+    prefetch_task({"lm_eval_task": name, "local": False, "protocol": protocol}, sys.argv[3], record)
+    folders[name] = json.loads(record.read_text())["registry_folders"]
+print(json.dumps(folders))
+"""
+
+
+def offline_probe(
+    tmp_path: Path, cache: Path | None, script: str = PROBE, *args: str
+) -> dict[str, Any]:
     home = tmp_path / "home"  # nothing from ~/.cache/huggingface
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "HF_HOME": str(home / "hf")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if cache is not None:
         env["HF_DATASETS_CACHE"] = str(cache)
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(TASKS)],
+        [sys.executable, "-c", script, *(args or [json.dumps(TASKS)])],
         env=env,
         capture_output=True,
         text=True,
@@ -173,6 +190,22 @@ def test_few_shot_only_where_the_shared_data_have_a_pool(loaded):
         assert shots["0"] == "ok"
         assert shots["1"].startswith("ValueError") and shots["5"].startswith("ValueError")
     assert MISSING in loaded["openbookqa"]["shots"]["1"]
+
+
+def test_prefetch_records_the_registry_folders_its_evaluations_index(cache, tmp_path):
+    """A registered task's jobs index only the registry folders that define it (lm-eval's whole
+    registry costs ~10 s per job): prefetch records them once a build from them alone gives the
+    task's configs unchanged."""
+    tasks = [("hellaswag", "loglikelihood"), ("gsm8k_cot", "generate_until"),
+             ("mmlu_anatomy_continuation", "loglikelihood")]  # fmt: skip
+    folders = offline_probe(
+        tmp_path, cache / "datasets", PREFETCH, json.dumps(tasks), str(tmp_path), str(DATA_DIR)
+    )
+    assert folders == {
+        "hellaswag": ["hellaswag"],
+        "gsm8k_cot": ["gsm8k"],
+        "mmlu_anatomy_continuation": ["mmlu/continuation"],
+    }
 
 
 def test_without_the_cache_the_same_load_fails(tmp_path):

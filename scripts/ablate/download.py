@@ -194,10 +194,17 @@ def prefetch_task(
 
     Refused with a ConfigError naming the config key: an unknown task name, a few-shot count the
     task does not allow, a missing data file, a ``(key, metric)`` of ``metrics`` (what the
-    figures plot) the task does not produce. ``out`` records the subtasks, the metrics and the
-    task's settings (``task_id``'s results must not be overwritten by other settings).
+    figures plot) the task does not produce. ``out`` records the subtasks, the metrics, the
+    task's settings (``task_id``'s results must not be overwritten by other settings) and, for a
+    task of lm-eval's registry, the registry folders that define it, which its evaluations index
+    instead of the whole registry once a build from them alone is the same task.
     """
-    from ablate.lm_eval_tasks import metric_properties, task_manager
+    from ablate.lm_eval_tasks import (
+        defining_registry_folders,
+        metric_properties,
+        task_configs,
+        task_manager,
+    )
 
     name = task["lm_eval_task"]
     manager = task_manager(task, data_dir)
@@ -224,11 +231,18 @@ def prefetch_task(
     produced = task_metrics(loaded, task["protocol"])
     aggregations = {m: p["aggregation"] for m, p in metric_properties(loaded["tasks"]).items()}
     check_task_metrics(metrics, produced, task_id or "?", name, aggregations)
+    folders = []
+    if not task.get("local", True):
+        folders = defining_registry_folders(manager, loaded)
+        if task_configs(task_manager(task, data_dir, folders).load([name])) != task_configs(loaded):
+            log.warning("%s: its registry folders %s alone build another task", name, folders)
+            folders = []
     record = {
         "lm_eval_task": name,
         "subtasks": sorted(str(subtask) for subtask in loaded["tasks"]),
         "metrics": produced,
         "aggregations": aggregations,
         "settings": {k: v for k, v in task.items() if k != "task_paths"},
+        "registry_folders": folders,
     }
     write_atomically(out, json.dumps(record))

@@ -46,6 +46,12 @@ class Job:
     source_dir: Path | None = None  # o_proj replacement source checkpoint
     cache_dir: Path | None = None  # lm-eval request caches, one per (model settings, ablation)
     prefix_reuse: bool = True  # log-likelihood chunks share the layers below each ablation
+    # The baseline also writes its contiguous blocks' distances: a proxy-ordered removal of the
+    # same model and task picks its layers by them.
+    block_distances: bool = False
+    # The folders of lm-eval's registry that define a registered task (prefetch_task records
+    # them): indexed instead of the whole registry.
+    registry_folders: list[str] = dataclasses.field(default_factory=list)
     backend: str = "hf"  # a key of ablate.backends.BACKENDS
     backend_options: dict[str, Any] = dataclasses.field(
         default_factory=dict

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +19,57 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 log = logging.getLogger(__name__)
 
 
-def task_manager(task: dict[str, Any], data_dir: str):
+def registry_dir() -> Path:
+    """lm-eval's own task folder (its registry)."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def task_manager(task: dict[str, Any], data_dir: str, registry_folders: Sequence[str] = ()):
     """Our task folder, then the task's ``task_paths`` (the config's folders that define it,
-    relative to the working directory); lm-eval's registry only for ``local: false`` tasks
-    (indexing its ~10k files costs seconds per job).
+    relative to the working directory); lm-eval's registry only for ``local: false`` tasks, and
+    of it only ``registry_folders`` where given (what prefetch found defines the task: indexing
+    the registry's ~14k YAML files costs ~10 s per job).
 
     ``metadata`` reaches every task's ``custom_dataset`` loader: it carries ``data_dir``.
     """
     from lm_eval.tasks import TaskManager
 
     folders = [TASKS_DIR, *(Path(folder).resolve() for folder in task.get("task_paths", []))]
+    whole_registry = not task.get("local", True)
+    if whole_registry and registry_folders:
+        # First, as the registry would be: our folders may override its names.
+        folders = [registry_dir() / folder for folder in registry_folders] + folders
+        whole_registry = False
     return TaskManager(
         include_path=[str(folder) for folder in folders],
-        include_defaults=not task.get("local", True),
+        include_defaults=whole_registry,
         metadata={"data_dir": data_dir},
+    )
+
+
+def defining_registry_folders(manager, loaded: dict[str, Any]) -> list[str]:
+    """The folders of lm-eval's registry (relative to it, outermost only) whose YAML files
+    define a task as ``manager`` loaded it: its groups' and its tasks' files."""
+    registry = registry_dir()
+    folders = set()
+    for name in [*loaded.get("groups", {}), *loaded["tasks"]]:
+        entry = manager.task_index.get(str(name))
+        if entry is not None and entry.yaml_path is not None:
+            folder = Path(entry.yaml_path).resolve().parent
+            if folder.is_relative_to(registry):
+                folders.add(folder.relative_to(registry))
+    outermost = {f for f in folders if not any(o in f.parents for o in folders)}
+    return sorted(str(folder) for folder in outermost)
+
+
+def task_configs(loaded: dict[str, Any]) -> str:
+    """The built tasks' configurations, as canonical text (to compare two builds)."""
+    return json.dumps(
+        {str(name): task.dump_config() for name, task in loaded["tasks"].items()},
+        sort_keys=True,
+        default=str,
     )
 
 

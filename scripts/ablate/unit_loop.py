@@ -290,13 +290,23 @@ def write_result(
 
 
 def write_proxies(
-    model, tokenizer, samples: list[dict], out_dir: Path, batch_size: int, max_length: int
+    model,
+    tokenizer,
+    samples: list[dict],
+    out_dir: Path,
+    batch_size: int,
+    max_length: int,
+    blocks: bool,
 ) -> None:
     """Layer-importance proxies of the unablated HF ``model`` over the task's own prompts (each
     document's context, as lm-eval built it; a rolling task's: each document), beside the
-    baseline's results: per layer, and per contiguous block (multi-layer removal orders)."""
+    baseline's results: per layer, and with ``blocks`` per contiguous block (a multi-layer
+    removal's order)."""
     contexts = list(dict.fromkeys(args[0] for s in samples for args in s["arguments"]))
-    for name, proxies in ((PROXIES, layer_proxies), (BLOCK_DISTANCES, block_distances)):
+    passes = [(PROXIES, layer_proxies)]
+    if blocks:
+        passes.append((BLOCK_DISTANCES, block_distances))
+    for name, proxies in passes:
         frame = proxies(model, prompt_batches(tokenizer, contexts, batch_size, max_length))
         write_atomically(out_dir / name, frame.to_csv(index=False, float_format="%.6f"))
 
@@ -318,7 +328,7 @@ def evaluate_units(
     progress (the backend wires its steps, sweep batches or generations, into it). ``packages``:
     the backend's own package versions, for the provenance."""
     amortize_lm_eval_overheads()
-    manager = task_manager(job.task, job.data_dir)
+    manager = task_manager(job.task, job.data_dir, job.registry_folders)
     tasks, built = load_task(manager, job.task["lm_eval_task"])
     metrics = metric_properties(built)
     lengths: dict[tuple[str, str], int] = {}
@@ -343,7 +353,9 @@ def evaluate_units(
         if baseline is not None:
             model, tokenizer = unablated_hf_model()
             batch_size = job.task.get("batch_size", 16)
-            write_proxies(model, tokenizer, *baseline, batch_size, lm.max_length)
+            write_proxies(
+                model, tokenizer, *baseline, batch_size, lm.max_length, job.block_distances
+            )
 
 
 def budget_hits(lm, job: Job, ablation: Ablation, samples: list[dict]) -> int:
