@@ -62,10 +62,12 @@ TARGETS ?= $(DEMO_FIGURES)
 report: setup
 	$(BIN)/snakemake $(TARGETS) --configfile $(DEMO_CONFIG) --report results/report.html
 
-## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit, and the vLLM
-## backend vs the HF backend on a generate-until sweep (~1.7 h, CPU)
+## bench: chunked jobs with shared-prefix reuse vs one fresh lm-eval run per unit, the vLLM
+## backend vs the HF backend on a generate-until sweep, and the planner's prediction of a figure
+## from another's benchmarks (~1.8 h, CPU)
 bench: setup setup-vllm
 	$(BIN)/python -m ablate.bench --vllm-python $(VLLM_BIN)/python
+	$(BIN)/pytest -m bench -s
 
 ## demo-all: all 22 paper figures on the embedded model, and their report
 demo-all: setup

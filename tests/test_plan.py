@@ -130,7 +130,7 @@ PREDICTION = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.bench  # a timing ratio: `make bench` runs it, `make test` does not
 def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
     config = copy.deepcopy(PREDICTION) | {"data_dir": str(DATA_DIR)}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
