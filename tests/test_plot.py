@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ablate.aggregate import COLUMNS
-from ablate.plot import FLOOR_NOTE, findings, plot_figure
+from ablate.plot import FLOOR_NOTE, findings, findings_rst, plot_figure
 
 
 def figure_csv(
@@ -40,6 +40,20 @@ def test_findings_of_a_lower_is_better_metric_name_the_largest_rise():
 
 def test_findings_say_when_the_model_scores_zero():
     assert findings(figure_csv(0.0, [0.0, 0.0], [False, False])) == [f"SmolLM2 (acc): {FLOOR_NOTE}"]
+
+
+def test_findings_render_in_the_report_caption_as_written():
+    """The caption's reST (rendered by docutils, as Snakemake's report does) shows each line as
+    the plot writes it, markup in a config's series label included."""
+    from docutils.core import publish_parts
+
+    frame = figure_csv(0.6, [-0.3, 0.02], [True, False])
+    frame["series"] = "*R1* `x` |y| a_ [1]_ <b>:role:"
+    [line] = findings(frame)
+    html = publish_parts(findings_rst([line]), writer_name="html")["body"]
+    assert html.count("<li>") == 1
+    text = html.split("<li>")[1].split("</li>")[0].removeprefix("<p>").removesuffix("</p>")
+    assert text == line.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def test_plot_writes_png_and_pdf(tmp_path):

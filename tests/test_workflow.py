@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from ablate.plot import findings
 from ablate.stats import holm
 from conftest import DATA_DIR, REPO, snakemake
 
@@ -351,7 +352,8 @@ def browser_view(report: Path, figures: list[str]) -> dict[str, tuple[str, int]]
 )
 def test_report_shows_each_figure_with_its_caption_in_a_browser(tiny_run, tmp_path):
     """The report as a reader opens it, in a real browser: each figure's image renders, and its
-    description reads the figure's title from the config (not the template's placeholders)."""
+    description reads the figure's title from the config (not the template's placeholders) and
+    what the figure found, line by line as the plot writes it below its axes."""
     report = tmp_path / "report.html"
     result = snakemake(tiny_run, "tiny_layers", "tiny_heads", "--report", str(report), env=TOKEN)
     assert result.returncode == 0, result.stdout[-2000:]
@@ -361,6 +363,9 @@ def test_report_shows_each_figure_with_its_caption_in_a_browser(tiny_run, tmp_pa
         title = config["figures"][figure]["title"]
         assert f"{figure}: {title}. Score per ablated unit" in description, description[:500]
         assert "built-in method" not in description
+        frame = pd.read_csv(tiny_run / f"results/aggregate/{figure}.csv")
+        for line in findings(frame):
+            assert line in description, (line, description[:1000])
         assert width > 300, figure
 
 

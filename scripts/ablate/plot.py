@@ -9,6 +9,7 @@ model's layer-importance proxies and their Spearman correlation with −Δ.
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def findings(frame: pd.DataFrame) -> list[str]:
             f"(p_holm {worst['p_holm']:.1g})"
         )
     return lines
+
+
+def findings_rst(lines: list[str]) -> str:
+    """The findings as a reStructuredText bullet list for the report's caption, every character
+    that reST reads as markup escaped (series labels come from the config)."""
+    escaped = (re.sub(r"([\\*`|_<>\[\]:])", r"\\\1", line) for line in lines)
+    return "".join(f"- {line}\n" for line in escaped)
 
 
 def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ rule plot_figure:
             labels={"figure": "{figure}"},
         ),
         pdf=FIGURE_PDF,
+        findings=FIGURE_FINDINGS,
     log:
         "logs/plot/{figure}.log",
     conda:
