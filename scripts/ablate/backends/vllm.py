@@ -46,7 +46,7 @@ from ablate.ablations import (
     weight_edits,
 )
 from ablate.anatomy import Anatomy, anatomy_from_config
-from ablate.backends import BACKENDS, read_spec
+from ablate.backends import read_spec, tensor_parallel
 from ablate.job import Job
 from ablate.models import load_model
 from ablate.rule import job_logging
@@ -106,20 +106,64 @@ def edit_tensors(
     return originals, {e.key: e.apply(originals[e.key], sources.get(e.key)) for e in edits}
 
 
+def _stored_error(parameter: torch.Tensor, weight: torch.Tensor) -> float:
+    """Relative error of a parameter vLLM computes with as stored (a norm's scale) against
+    ``weight``."""
+    got = parameter.detach().to(device="cpu", dtype=torch.float32)
+    want = weight.to(torch.float32)
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1.0))
+
+
+def engine_tensors(model: torch.nn.Module, keys: list[str]) -> dict[str, list[str]]:
+    """vLLM's parameter each checkpoint key loads into, with the keys it holds in order: vLLM
+    fuses q/k/v and gate/up projections into one module (its ``packed_modules_mapping``)."""
+    fused = getattr(model, "packed_modules_mapping", None) or {}
+    held: dict[str, list[str]] = {}
+    for key in keys:
+        module, _, parameter = key.rpartition(".")
+        parent, _, name = module.rpartition(".")
+        packed = next((p for p, parts in fused.items() if name in parts), None)
+        if packed is None or _has_module(model, module):
+            held[key] = [key]
+        else:
+            parts = fused[packed]
+            held[f"{parent}.{packed}.{parameter}"] = [f"{parent}.{p}.{parameter}" for p in parts]
+    return held
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def probe_report(
     model: torch.nn.Module,
     edits: list[WeightEdit],
     intended: dict[str, torch.Tensor],
     other: dict[str, torch.Tensor],
 ) -> dict[str, tuple[float, float]]:
-    """Per edited module: (error against the ``intended`` weight, error against the ``other``
-    one; inf where the two are equal)."""
+    """Per edited vLLM module (a fused one whole): (error against the ``intended`` weight,
+    error against the ``other`` one; inf where the two are equal). Linear weights are probed
+    through the kernel vLLM's forward calls; other weights (norms) are compared as stored."""
     report = {}
-    for edit in edits:
-        module = model.get_submodule(edit.module)
-        error = _probe_error(module, intended[edit.key])
-        same = torch.equal(intended[edit.key], other[edit.key])
-        report[edit.module] = (error, inf if same else _probe_error(module, other[edit.key]))
+    for name, keys in engine_tensors(model, [e.key for e in edits]).items():
+        if missing := [key for key in keys if key not in intended]:
+            raise ValueError(
+                f"{name} fuses {', '.join(keys)}, and the edit leaves {', '.join(missing)} "
+                "out: its check needs them all (use backend: hf)"
+            )
+        want, alternative = (torch.cat([tensors[k] for k in keys]) for tensors in (intended, other))
+        module_name, _, parameter = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if parameter == "weight" and hasattr(module, "quant_method"):  # may be repacked
+            error = functools.partial(_probe_error, module)
+        else:
+            error = functools.partial(_stored_error, module.get_parameter(parameter))
+        same = torch.equal(want, alternative)
+        report[module_name] = (error(want), inf if same else error(alternative))
     return report
 
 
@@ -187,15 +231,14 @@ def check_canary(got: list[float], base: list[float], dtype: str, what: str, edi
 
 def check_engine_edits(ablation: Ablation, anatomy: Anatomy, checkpoint: set[str]) -> None:
     """Refuse (one line) an ablation whose exact weight edits vLLM cannot load and probe: each
-    must be a linear weight stored under its name in the checkpoint (no biases, no experts
-    fused in memory but stored one by one)."""
-    if ablation.kind in BACKENDS["vllm"].refused_kinds:  # the config check said so already
-        raise ValueError(f"{ablation.id}: the vllm backend cannot apply it exactly (use hf)")
+    must be a weight (of a linear or norm module) stored under its name in the checkpoint (no
+    biases, no experts fused in memory but stored one by one)."""
     for edit in check_weight_edits_exact(ablation, anatomy, checkpoint):
         if not edit.key.endswith(".weight"):
+            change = "replaced" if edit.from_source else "zeroed"
             raise ValueError(
-                f"{ablation.id}: the vllm backend edits linear weights only, and "
-                f"{anatomy.model_type} needs {edit.key} zeroed too (use backend: hf)"
+                f"{ablation.id}: the vllm backend edits weights only, and "
+                f"{anatomy.model_type} needs {edit.key} {change} too (use backend: hf)"
             )
 
 
@@ -239,8 +282,7 @@ def build_lm(job, progress: Progress) -> Any:
 
     task, model = job.task, job.model
     engine = dict(job.backend_options.get("engine_args") or {})
-    if model.get("gpus", 1) > 1:
-        engine.setdefault("tensor_parallel_size", model["gpus"])
+    engine["tensor_parallel_size"] = tensor_parallel(model, job.backend_options)
     if task.get("max_length"):  # the task's context cap, as HFLM's max_length on hf
         engine["max_model_len"] = task["max_length"]
     return AblationVLLM(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ablate.ablations import HEAD_KINDS, Ablation, sweep
-from ablate.backends import BACKENDS, serving
+from ablate.backends import BACKENDS, serving, tensor_parallel
 from ablate.config.errors import ConfigError, listed
 
 
@@ -90,13 +90,15 @@ def evaluation_backends(config: dict[str, Any]) -> dict[tuple[str, str], str]:
                     f"{key}: {backend} does not run {task['protocol']} tasks, and task "
                     f"{series['task']} is one (allowed: {listed(serving(task['protocol']))})"
                 )
-            kind = series_ablation(figure, series)["kind"]
-            if kind in BACKENDS[backend].refused_kinds:
-                usable = [name for name, b in BACKENDS.items() if kind not in b.refused_kinds]
+            kind, model = series_ablation(figure, series)["kind"], series["model"]
+            options = (config.get("evaluation") or {}).get(backend) or {}
+            gpus = tensor_parallel(config["models"][model], options)
+            if kind in BACKENDS[backend].single_gpu_kinds and gpus > 1:
                 raise ConfigError(
-                    f"{key}: {backend} cannot apply {kind} ablations exactly, and figure "
-                    f"{figure_id} sweeps them on task {series['task']} (allowed: "
-                    f"{listed(usable)}; or define a second task)"
+                    f"{key}: {backend} applies {kind} ablations exactly on one GPU only, and "
+                    f"figure {figure_id} sweeps them on model {model} over {gpus} GPUs "
+                    f"(allowed: hf; or models.{model}.gpus and evaluation.{backend}.engine_args."
+                    "tensor_parallel_size at most 1)"
                 )
             pair = (series["model"], series["task"])
             first = chosen.setdefault(pair, (backend, key))
