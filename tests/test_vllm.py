@@ -157,3 +157,12 @@ def test_an_edit_vllm_does_not_run_with_fails_loudly(embedded_dir):
     assert outcome["canary_caught"], "the canary let a no-op edit through"
     assert "compiled forward did not see the edit" in outcome["canary_message"]
     assert outcome["edited_differs"] and outcome["restored_equal"]
+    # A whole-layer swap the engine did not load: every module of the layer is flagged, the
+    # fused q/k/v and gate/up whole and the norms as stored.
+    unloaded = {
+        module.rpartition(".")[2]: errors for module, errors in outcome["unloaded_swap"].items()
+    }
+    assert set(unloaded) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                             "input_layernorm", "post_attention_layernorm"}  # fmt: skip
+    for module, (error, other_error) in unloaded.items():
+        assert error > 0.1 and other_error < 1e-4, (module, error, other_error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from ablate.ablations import WeightEdit
 from ablate.backends.vllm import (
@@ -31,6 +32,18 @@ def naive_edit(worker, model_dir: str) -> dict:
     for edit in EDITS:  # zero the weight in place, as one would on a plain torch module
         model.get_submodule(edit.module).weight.data.zero_()
     return report_for(model, EDITS, edited, originals)
+
+
+def unloaded_swap(worker, model_dir: str) -> dict:
+    """The probe report of a whole-layer swap of layer 13 that was never reloaded: every tensor
+    of the layer should be twice the original, and the engine still holds the original."""
+    from ablate.ablations import checkpoint_keys, load_tensors
+
+    keys = sorted(k for k in checkpoint_keys(Path(model_dir)) if k.startswith("model.layers.13."))
+    edits = [WeightEdit(key, from_source=True) for key in keys]
+    originals = load_tensors(Path(model_dir), keys)
+    doubled = {key: tensor * 2 for key, tensor in originals.items()}
+    return report_for(worker.model_runner.get_model(), edits, doubled, originals)
 
 
 def main() -> None:
@@ -71,6 +84,10 @@ def main() -> None:
         outcome["canary_caught"] = False
     except EditNotApplied as error:
         outcome["canary_caught"], outcome["canary_message"] = True, str(error)
+    # Whole-layer swaps: fused q/k/v and gate/up and the norms are each checked.
+    [outcome["unloaded_swap"]] = llm.collective_rpc(
+        functools.partial(unloaded_swap, model_dir=model_dir)
+    )
     load = functools.partial(
         load_edits, edits=EDITS, model_dir=model_dir, source_dir=None, dtype="float32"
     )
