@@ -118,25 +118,18 @@ def engine_tensors(model: torch.nn.Module, keys: list[str]) -> dict[str, list[st
     """vLLM's parameter each checkpoint key loads into, with the keys it holds in order: vLLM
     fuses q/k/v and gate/up projections into one module (its ``packed_modules_mapping``)."""
     fused = getattr(model, "packed_modules_mapping", None) or {}
+    modules = {name for name, _ in model.named_modules()}
     held: dict[str, list[str]] = {}
     for key in keys:
         module, _, parameter = key.rpartition(".")
         parent, _, name = module.rpartition(".")
         packed = next((p for p, parts in fused.items() if name in parts), None)
-        if packed is None or _has_module(model, module):
+        if packed is None or module in modules:
             held[key] = [key]
         else:
             parts = fused[packed]
             held[f"{parent}.{packed}.{parameter}"] = [f"{parent}.{p}.{parameter}" for p in parts]
     return held
-
-
-def _has_module(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def probe_report(
