@@ -10,4 +10,9 @@ from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
     out = Path(snakemake.output.marker)  # noqa: F821
-    download_model(snakemake.wildcards.model, json.loads(snakemake.params.spec), out.parent)  # noqa: F821
+    download_model(
+        snakemake.wildcards.model,  # noqa: F821
+        json.loads(snakemake.params.spec),  # noqa: F821
+        out.parent,
+        snakemake.config,  # noqa: F821 (the kinds its figures sweep, refused here if unproven)
+    )

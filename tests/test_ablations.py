@@ -28,7 +28,7 @@ def test_layer_skip_equals_deleted_layer(model, batch, layer):
 
 
 def test_head_silencing_equals_zeroed_o_proj_columns(model, batch):
-    head_dim = Anatomy.of(model).head_width
+    head_dim = model.config.head_dim  # by hand: the config's width
     layer, head = 7, 4
     edited = copy.deepcopy(model)
     o_proj = decoder_layers(edited)[layer].self_attn.o_proj
@@ -42,7 +42,7 @@ def test_head_silencing_equals_zeroed_o_proj_columns(model, batch):
 
 def test_gqa_single_head_touches_only_its_head(model, batch):
     anatomy = Anatomy.of(model)
-    arch, head_dim = anatomy.arch, anatomy.head_width
+    arch, head_dim = anatomy.arch, model.config.head_dim
     assert arch.num_kv_heads < arch.num_heads, "the embedded model must have real GQA"
     layer, head = 3, 1  # head 1 shares KV head 0 with heads 0 and 2
     captured = {}
@@ -73,7 +73,7 @@ def test_gqa_single_head_touches_only_its_head(model, batch):
 
 def test_kv_group_silences_the_whole_group(model, batch):
     anatomy = Anatomy.of(model)
-    arch, head_dim = anatomy.arch, anatomy.head_width
+    arch, head_dim = anatomy.arch, model.config.head_dim
     layer, group = 5, 2
     edited = copy.deepcopy(model)
     o_proj = decoder_layers(edited)[layer].self_attn.o_proj

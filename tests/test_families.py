@@ -22,6 +22,7 @@ from ablate.ablations import (
     weight_edits,
 )
 from ablate.anatomy import Anatomy, anatomy_from_config
+from ablate.proof import check_units
 from ablate.proxy import layer_proxies
 from ablate.sweep import shares_contexts, sweep_loglikelihoods
 from conftest import REPO
@@ -121,14 +122,9 @@ def test_anatomy_from_config_is_the_loaded_models(family):
     name, model, _, anatomy = family
     assert anatomy_from_config(family_config(name)) == anatomy
     assert len(anatomy.blocks(model)) == anatomy.arch.num_layers == 3
-    assert (
-        anatomy.head_width * anatomy.arch.num_heads
-        == (
-            anatomy.blocks(model)[0]
-            .get_submodule(anatomy.attention_out)
-            .weight.shape[0 if anatomy.conv1d_out else 1]
-        )
-    )
+    for layer, width in enumerate(anatomy.head_widths):
+        out = anatomy.blocks(model)[layer].get_submodule(anatomy.attention_out)
+        assert width * anatomy.arch.num_heads == out.weight.shape[0 if anatomy.conv1d_out else 1]
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -161,8 +157,7 @@ def test_sweep_equals_each_ablation_scored_alone(family):
     units = [Ablation.parse("base"), *(Ablation.parse(u) for u in UNITS)]
     if anatomy.arch.num_kv_heads == anatomy.arch.num_heads:
         units = [u for u in units if u.kind != "kv_group"]
-    if (blocker := anatomy.sweep_blocker) is not None:
-        pytest.skip(f"{name}: the sweep is off ({blocker}); lm-eval's HFLM scores it")
+    assert check_units(model, units[1:], source_tensors(source, anatomy, units)) is None, name
     swept = sweep_loglikelihoods(model, REQUESTS, units, source_tensors(source, anatomy, units),
                                  4, 64)  # fmt: skip
     for unit in units:

@@ -288,7 +288,8 @@ def silenced_heads(ablation: Ablation, arch: Architecture) -> range:
 
 
 def check_in_range(ablation: Ablation, arch: Architecture) -> None:
-    """Raise ValueError if ``ablation`` names a layer or head this architecture lacks."""
+    """Raise ValueError if ``ablation`` names a layer or head this architecture lacks (whether
+    that layer has the part a kind ablates is the proof's: ablate.proof)."""
     if ablation.kind == "base":
         return
     if ablation.kind == LAYER_SET:
@@ -365,7 +366,7 @@ def weight_edits(ablation: Ablation, anatomy: Anatomy) -> list[WeightEdit]:
             edits += [WeightEdit(key) for key in keys]
         return edits
     if ablation.kind in HEAD_KINDS:
-        heads, width = silenced_heads(ablation, anatomy.arch), anatomy.head_width
+        heads, width = silenced_heads(ablation, anatomy.arch), anatomy.head_widths[ablation.layer]
         return [
             WeightEdit(
                 anatomy.attention_out_weight(ablation.layer),
@@ -506,7 +507,8 @@ def ablated(
             handles.append(sublayer.register_forward_hook(_zero_output))
         elif ablation.kind in HEAD_KINDS:
             out = blocks[ablation.layer].get_submodule(anatomy.attention_out)
-            hook = _zero_heads_hook(silenced_heads(ablation, anatomy.arch), anatomy.head_width)
+            width = anatomy.head_widths[ablation.layer]
+            hook = _zero_heads_hook(silenced_heads(ablation, anatomy.arch), width)
             handles.append(out.register_forward_pre_hook(hook))
         elif ablation.kind in SOURCE_KINDS:
             for edit in weight_edits(ablation, anatomy):

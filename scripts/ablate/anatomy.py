@@ -27,34 +27,6 @@ ATTENTION_OUT_NAMES = ("o_proj", "dense", "out_proj", "c_proj")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "fc2")  # OPT's MLP ends in the block's fc2
 # Parameters that write the MLP's (or every expert's, and a shared expert's) output.
 MLP_OUT_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "fc_out", "w2")
-# Model types whose log-likelihoods the shared-prefix sweep reproduces exactly (each is in the
-# exactness matrix, tests/test_families.py); others are scored by lm-eval's HFLM, also exact.
-SWEEP_FAMILIES = frozenset(
-    [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_moe",
-        "gemma2",
-        "gemma3_text",
-        "gemma3",
-        "phi3",
-        "olmo2",
-        "gpt_neox",
-        "gpt2",
-        "opt",
-        "falcon",
-        "cohere",
-        "granite",
-        "deepseek_v3",
-        "gpt_oss",
-        "starcoder2",
-        "phi",
-    ]
-)
 TUPLE_BLOCK_FAMILIES = frozenset({"falcon"})  # blocks that return (hidden states, attention)
 # Attention kernels that take a mask of any shape, so the sweep can put options on a shared
 # context (ablate.sweep); flash_attention_2 takes only padding masks.
@@ -77,8 +49,29 @@ class Architecture:
 
     @classmethod
     def from_config(cls, config) -> Architecture:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        try:
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        except ValueError:  # several text configs: a text encoder beside the decoder
+            raise UnsupportedModel(
+                f"{config.model_type}: not decoder-only (a text encoder beside its decoder)"
+            ) from None
+        encoder = text.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+            text, "is_decoder", False
+        )
+        if getattr(config, "is_encoder_decoder", False) or encoder:
+            raise UnsupportedModel(
+                f"{text.model_type}: not decoder-only (an encoder or encoder-decoder): the "
+                "ablations remove blocks of a decoder's residual stream"
+            )
+        try:
+            heads, layers = text.num_attention_heads, text.num_hidden_layers
+        except Exception:  # a state-space model, or heads that vary by layer
+            raise UnsupportedModel(
+                f"{text.model_type}: its config gives no attention heads and layers "
+                "(num_attention_heads, num_hidden_layers) for every layer alike"
+            ) from None
         kv_heads = next(
             (getattr(text, name) for name in ("num_key_value_heads", "num_kv_heads")
              if _declared(text, name) and getattr(text, name, None)),
@@ -88,7 +81,7 @@ class Architecture:
             text, "new_decoder_architecture", False
         ):
             kv_heads = 1  # Falcon's multi-query attention: one KV head for all query heads
-        return cls(text.num_hidden_layers, heads, kv_heads or heads)
+        return cls(layers, heads, kv_heads or heads)
 
     @property
     def heads_per_group(self) -> int:
@@ -125,7 +118,10 @@ class Anatomy:
     mlp_out: tuple[tuple[str, ...], ...]
     block_params: tuple[tuple[str, ...], ...]  # per layer, every parameter of its block
     arch: Architecture
-    head_width: int  # input columns of attention_out per query head (MLA: v_head_dim)
+    attention_layers: tuple[int, ...]  # layers with an attention sublayer (hybrids: not all)
+    # Per layer, input columns of attention_out per query head (MLA: v_head_dim; families with
+    # two head widths: each layer's own); None where they are not the heads' (or no attention).
+    head_widths: tuple[int | None, ...]
     conv1d_out: bool  # attention_out is a GPT-2 Conv1D: its weight is (in, out)
     windows: tuple[int | None, ...]  # each layer's sliding window (None: full attention)
     attention_types: tuple[str, ...]  # each layer's attention type, as the config names it
@@ -139,6 +135,7 @@ class Anatomy:
         config = model.config
         text = config.get_text_config()
         arch = Architecture.from_config(config)
+        name = type(model).__name__
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         path = next((name for name, m in model.named_modules() if m is decoder), "")
         lists = [
@@ -146,33 +143,39 @@ class Anatomy:
             for name, m in decoder.named_modules()
             if isinstance(m, nn.ModuleList)
             and len(m) == arch.num_layers
-            and _first_child(m[0], ATTENTION_NAMES)
+            and any(_first_child(block, ATTENTION_NAMES) for block in m)
         ]
         if not lists:
             raise UnsupportedModel(
-                f"{type(model).__name__}: no list of {arch.num_layers} decoder blocks with an "
+                f"{text.model_type} ({name}): no list of {arch.num_layers} decoder blocks with an "
                 f"attention module ({', '.join(ATTENTION_NAMES)})"
             )
         block = decoder.get_submodule(lists[0])
-        first = block[0]
-        attention = _first_child(first, ATTENTION_NAMES)
-        attention_module = first.get_submodule(attention)
-        out = _first_child(attention_module, ATTENTION_OUT_NAMES)
-        mlp = _first_child(first, MLP_NAMES)
+        attention = next(filter(None, (_first_child(b, ATTENTION_NAMES) for b in block)))
+        attention_layers = tuple(i for i, b in enumerate(block) if hasattr(b, attention))
+        first = block[attention_layers[0]]
+        out = _first_child(first.get_submodule(attention), ATTENTION_OUT_NAMES)
+        mlp = next(filter(None, (_first_child(b, MLP_NAMES) for b in block)), None)
         if out is None or mlp is None:
             missing = "attention output projection" if out is None else "MLP"
+            raise UnsupportedModel(f"{text.model_type} ({name}): no {missing} in its blocks")
+        out_modules = [
+            b.get_submodule(attention).get_submodule(out) if hasattr(b, attention) else None
+            for b in block
+        ]
+        if any(m is not None and not hasattr(m, "weight") for m in out_modules):
             raise UnsupportedModel(
-                f"{type(model).__name__}: no {missing} in {type(first).__name__}"
+                f"{text.model_type} ({name}): its attention output projection {out} has no weight"
             )
-        out_module = attention_module.get_submodule(out)
-        conv1d = type(out_module).__name__ == "Conv1D"
-        in_features = out_module.weight.shape[0 if conv1d else 1]
+        conv1d = type(out_modules[attention_layers[0]]).__name__ == "Conv1D"
         mlp_out = tuple(
             tuple(
                 f"{mlp}.{name}"
                 for name, _ in layer.get_submodule(mlp).named_parameters()
                 if mlp in MLP_OUT_NAMES or _writes_mlp_output(name)
             )
+            if hasattr(layer, mlp)
+            else ()
             for layer in block
         )
         types = tuple(
@@ -187,7 +190,8 @@ class Anatomy:
             attention=attention,
             attention_out=f"{attention}.{out}",
             attention_out_params=tuple(
-                f"{attention}.{out}.{name}" for name, _ in out_module.named_parameters()
+                f"{attention}.{out}.{name}"
+                for name, _ in out_modules[attention_layers[0]].named_parameters()
             ),
             mlp=mlp,
             mlp_out=mlp_out,
@@ -195,7 +199,11 @@ class Anatomy:
                 tuple(name for name, _ in layer.named_parameters()) for layer in block
             ),
             arch=arch,
-            head_width=in_features // arch.num_heads,
+            attention_layers=attention_layers,
+            head_widths=tuple(
+                None if o is None else _head_width(b.get_submodule(attention), o, conv1d, arch)
+                for b, o in zip(block, out_modules, strict=True)
+            ),
             conv1d_out=conv1d,
             windows=tuple(window if t == "sliding_attention" else None for t in types),
             attention_types=types,
@@ -225,14 +233,25 @@ class Anatomy:
 
     @property
     def sweep_blocker(self) -> str | None:
-        """Why the shared-prefix sweep cannot reproduce this model's forward (None: it can).
-        (An attention kernel without 4D masks, flash attention, only stops it from sharing a
+        """Why the shared-prefix sweep's masks cannot express this model's attention (None:
+        they can; whether its answers are exact is proven on the model: ablate.proof). (An
+        attention kernel without 4D masks, flash attention, only stops it from sharing a
         context among options: :func:`ablate.sweep.shares_contexts`.)"""
-        if self.model_type not in SWEEP_FAMILIES:
-            return f"model type {self.model_type!r} is not in the sweep's exactness matrix"
         if unknown := sorted(set(self.attention_types) - set(ATTENTION_TYPES)):
             return f"attention type {', '.join(unknown)} has no shared-context mask"
         return None
+
+
+def _head_width(
+    attention: nn.Module, out: nn.Module, conv1d: bool, arch: Architecture
+) -> int | None:
+    """Input features of ``out`` per query head: the attention module's own head width where it
+    states one (a family may give layers of two types two widths), if the heads cover the
+    projection's input exactly; None where they do not (head units cannot be placed)."""
+    features = out.weight.shape[0 if conv1d else 1]
+    stated = getattr(attention, "v_head_dim", None) or getattr(attention, "head_dim", None)
+    width = stated if isinstance(stated, int) else features // arch.num_heads
+    return width if width * arch.num_heads == features else None
 
 
 def _writes_mlp_output(parameter: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.backends import PROTOCOL_OUTPUT_TYPES
-from ablate.config import ConfigError, check_task_metrics
+from ablate.config import ConfigError, check_proof, check_task_metrics
 from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
 
@@ -32,16 +32,19 @@ def check_token(model_id: str, spec: dict[str, Any]) -> None:
         )
 
 
-def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) -> str | None:
+def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
     """Refuse a checkpoint whose decoder parts ablations cannot find, or whose shapes are not the
-    config's (unit ranges come from them); return why the shared-prefix sweep cannot reproduce
-    its forward (None: it can). From its config.json alone, before any GPU job."""
+    config's (unit ranges come from them); return the proof of every ablation kind on a tiny
+    twin of it (ablate.proof). From its config.json alone, before any GPU job."""
     from transformers import AutoConfig
 
     from ablate.anatomy import UnsupportedModel, anatomy_from_config
+    from ablate.proof import prove_config
 
+    config = AutoConfig.from_pretrained(checkpoint)
     try:
-        anatomy = anatomy_from_config(AutoConfig.from_pretrained(checkpoint))
+        anatomy = anatomy_from_config(config)
+        proof = prove_config(config, attn_implementation=spec.get("attn_implementation") or "sdpa")
     except UnsupportedModel as error:
         raise ConfigError(f"models.{model_id}: cannot be ablated: {error}") from None
     arch = anatomy.arch
@@ -55,7 +58,7 @@ def check_architecture(model_id: str, spec: dict[str, Any], checkpoint: Path) ->
             raise ConfigError(
                 f"models.{model_id}.{key}: config says {spec[key]}, checkpoint has {value}"
             )
-    return anatomy.sweep_blocker
+    return proof.as_record()
 
 
 def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path) -> None:
@@ -108,8 +111,12 @@ def hub_error(model_id: str, spec: dict[str, Any], error: Exception) -> str:
     )
 
 
-def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
-    """Materialise a checkpoint in ``out_dir``; ``download.json`` (written last) records its commit."""
+def download_model(
+    model_id: str, spec: dict[str, Any], out_dir: Path, config: dict[str, Any] | None = None
+) -> None:
+    """Materialise a checkpoint in ``out_dir``; ``download.json`` (written last) records its
+    commit and the proof of each ablation kind on it. A kind that ``config`` (the workflow's)
+    sweeps on this model and the proof refuses is refused here, before any evaluation job."""
     if spec["source"] == "embedded":
         from ablate.embedded import embedded_checkpoint
 
@@ -132,7 +139,10 @@ def download_model(model_id: str, spec: dict[str, Any], out_dir: Path) -> None:
         except Exception as error:  # the hub's, httpx's and requests' errors alike
             raise ConfigError(hub_error(model_id, spec, error)) from None
         record = {"repo_id": spec["repo_id"], "revision": spec.get("revision"), "commit": commit}
-    if sweep_off := check_architecture(model_id, spec, out_dir):
+    proof = record["proof"] = check_architecture(model_id, spec, out_dir)
+    if config is not None:
+        check_proof(config, model_id, proof)
+    if sweep_off := proof["sweep_off"].get("layer") or proof["sweep_off"].get("base"):
         record["sweep_off"] = sweep_off
         log.warning(
             "models.%s: %s, so its log-likelihood units are scored by lm-eval's HFLM one "

@@ -10,8 +10,8 @@ positions go through the model's own head path (final norm, LM head, logit scali
 
 Every block is called with the arguments the model's own forward gives it (:func:`layer_inputs`:
 masks and rotary embeddings per layer type), and options are masked within each layer's sliding
-window, so the sweep is the model's forward for every family of ``ablate.anatomy.SWEEP_FAMILIES``
-(the exactness matrix, tests/test_families.py).
+window, so the sweep is the model's forward wherever that is proven on the model itself
+(ablate.proof: its log-likelihoods equal one plain forward per unit; tests/test_zoo.py).
 
 Scores follow lm-eval's ``HFLM._loglikelihood_tokens`` for causal models: the same left
 truncation to ``max_length`` and (log-probability sum, is-greedy) per request. lm-eval scores a
@@ -137,8 +137,8 @@ def head_logits(model, anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def sweepable(model) -> Anatomy:
-    """The model's anatomy, or ValueError where the sweep cannot reproduce its forward (the
-    workflow then scores with lm-eval's HFLM: ablate.backends.hf)."""
+    """The model's anatomy, or ValueError where the sweep's masks cannot express its attention
+    (the workflow then scores with lm-eval's HFLM: ablate.backends.hf)."""
     anatomy = Anatomy.of(model)
     if blocker := anatomy.sweep_blocker:
         raise ValueError(f"the shared-prefix sweep cannot score this model: {blocker}")

@@ -13,6 +13,7 @@ from ablate.backends import BACKENDS
 from ablate.claims import claim_figures, parse_claims
 from ablate.config import (
     ConfigError,
+    check_model_proofs,
     check_task_records,
     evaluation_chunks,
     figure_evaluations,
@@ -44,10 +45,12 @@ from ablate.tokens import read_task_tokens
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
 # any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
-# id whose results have other settings, a metric the built task does not produce.
+# id whose results have other settings, a metric the built task does not produce; and against
+# what download_model proved: an ablation kind whose invariants fail on the model.
 try:
     validate_config(config)
     check_task_records(config)
+    check_model_proofs(config)
 except ConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 

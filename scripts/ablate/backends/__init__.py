@@ -64,6 +64,9 @@ class Backend:
     own_interpreter: bool = False  # runs under evaluation.<name>.python (pins its own packages)
     # Ablation kinds it applies exactly only on one GPU: their check reads fused tensors whole
     single_gpu_kinds: tuple[str, ...] = ()
+    # How it applies ablations (the form ablate.proof proves): hooks on the model's modules, or
+    # edits of the checkpoint's tensors
+    ablation_form: str = "hook"
 
 
 BACKENDS: dict[str, Backend] = {
@@ -102,6 +105,7 @@ BACKENDS: dict[str, Backend] = {
         # A whole-layer swap reloads fused q/k/v and gate/up weights, which its check probes
         # whole; tensor parallelism would give each GPU a shard of their output rows.
         single_gpu_kinds=("layer_swap", "layer_swap_cumulative"),
+        ablation_form="weight_edit",
     ),
 }
 

@@ -26,6 +26,7 @@ from ablate.anatomy import Anatomy
 from ablate.backends import scores_given_text
 from ablate.job import Job
 from ablate.models import load_model
+from ablate.proof import check_units
 from ablate.sweep import PrefixSweep
 from ablate.unit_loop import BudgetTracking, Progress, evaluate_units
 
@@ -164,13 +165,13 @@ def evaluate(job: Job, ablations: list[tuple[Ablation, Path]]) -> None:
         tensors = load_source_tensors(job.source_dir, anatomy, [a for a, _ in ablations])
         source = {key: tensor.to(model.get_parameter(key)) for key, tensor in tensors.items()}
     units: WholeModelUnits | SweptUnits = WholeModelUnits(model, source, anatomy)
-    blocker = anatomy.sweep_blocker
-    if job.prefix_reuse and blocker is not None:  # the config check said so before the job
-        log.info(
-            "prefix_reuse off for %s: %s; lm-eval's HFLM scores every unit", job.model_dir, blocker
-        )
-    if job.prefix_reuse and blocker is None and scores_given_text(job.task["protocol"]):
-        ordered = [a for a, _ in ablations]
+    ordered = [a for a, _ in ablations]
+    # Each unit's invariants on the loaded model, before anything is scored (ablate.proof).
+    sweep_off = check_units(model, ordered, source)
+    if job.prefix_reuse and sweep_off is not None:
+        log.info("prefix_reuse off for %s: %s; lm-eval's HFLM scores every unit",
+                 job.model_dir, sweep_off)  # fmt: skip
+    if job.prefix_reuse and sweep_off is None and scores_given_text(job.task["protocol"]):
         sweep = PrefixSweep(
             model, ordered, source, lm.batch_size, lm.max_length, lm.softmax_dtype,
             progress_path=job.sweep_progress(ordered, lm.batch_size, lm.max_length),

@@ -2,7 +2,7 @@
 into runs and chunks (:mod:`.runs`), the checks across keys (:mod:`.checks`), task folders and
 what prefetch_task recorded (:mod:`.tasks`). The names below are the package's interface."""
 
-from ablate.config.checks import check_config
+from ablate.config.checks import check_config, check_model_proofs, check_proof
 from ablate.config.errors import ConfigError
 from ablate.config.load import load_config, load_config_file, schema_error, validate_config
 from ablate.config.runs import (
@@ -30,6 +30,8 @@ __all__ = [
     "ConfigError",
     "Run",
     "check_config",
+    "check_model_proofs",
+    "check_proof",
     "check_task_metrics",
     "check_task_records",
     "evaluation_backends",

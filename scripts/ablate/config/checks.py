@@ -4,6 +4,7 @@ protocol and can apply the kind exactly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ablate.ablations import (
 from ablate.backends import BACKENDS
 from ablate.config.errors import ConfigError, listed
 from ablate.config.runs import evaluation_backends, panel_series, series_ablation
+from ablate.paths import MODEL_RECORD
 
 
 def _check_range(key: str, values, count: int, what: str) -> None:
@@ -157,3 +159,50 @@ def check_config(config: dict[str, Any]) -> None:
                 f"figures.{figure_id}: no series (set series on the figure or its panels)"
             )
     evaluation_backends(config)
+
+
+def unit_kind(kind: str, model: dict) -> str:
+    """The unit kind a config kind sweeps on ``model`` (paper_head: head, or kv_group under
+    grouped-query attention, as ablations.sweep expands it)."""
+    if kind != "paper_head":
+        return kind
+    return "kv_group" if model["num_kv_heads"] < model["num_heads"] else "head"
+
+
+def asked_ablations(config: dict[str, Any], model_id: str) -> dict[tuple[str, str], str]:
+    """(unit kind, form) -> the config key of the first series that sweeps it on ``model_id``
+    (form: how the series' backend applies ablations)."""
+    backends = evaluation_backends(config)
+    asked: dict[tuple[str, str], str] = {}
+    for figure_id, figure in config["figures"].items():
+        for index, _, series in panel_series(figure):
+            if series["model"] != model_id:
+                continue
+            kind = series_ablation(figure, series)["kind"]
+            form = BACKENDS[backends[(model_id, series["task"])]].ablation_form
+            key = f"figures.{figure_id}.panels[{index}].series.{series['label']}"
+            asked.setdefault((unit_kind(kind, config["models"][model_id]), form), key)
+    return asked
+
+
+def check_proof(config: dict[str, Any], model_id: str, proof: dict[str, Any]) -> None:
+    """Refuse a kind the config sweeps on ``model_id`` that the model's proof (ablate.proof,
+    recorded by download_model) refuses in its backend's form, in one line."""
+    for (kind, form), key in asked_ablations(config, model_id).items():
+        if why := proof["refused"].get(kind, {}).get(form):
+            raise ConfigError(
+                f"{key}: models.{model_id} ({proof['model_type']}) cannot be ablated by {kind} in "
+                f"the {form.replace('_', ' ')} form of its backend: {why}"
+            )
+
+
+def check_model_proofs(config: dict[str, Any], root: Path = Path()) -> None:
+    """:func:`check_proof` for every model whose download recorded a proof under ``root``
+    (before any job; a model not yet downloaded is checked by its download)."""
+    for model_id in config["models"]:
+        try:
+            record = json.loads((root / MODEL_RECORD.format(model=model_id)).read_text())
+        except (OSError, ValueError):
+            continue
+        if "proof" in record:
+            check_proof(config, model_id, record["proof"])
