@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.bench import SCENARIOS, compute_floor, reduced, run_logged
+from ablate.bench import SCENARIOS, compute_floor, proof_seconds, reduced, run_logged
 from conftest import DATA_DIR
 
 MIB = 2**20
@@ -61,3 +61,17 @@ def test_the_floor_is_computed_from_the_real_requests(embedded_dir) -> None:
     assert compute_floor(scenario, spec) == pytest.approx(0.265, abs=0.03)
     assert scenario.name.format(docs=scenario.task["limit"]).endswith("(20 docs), log-likelihood")
     assert compute_floor(SCENARIOS["generate"], spec) is None
+
+
+def test_the_proof_share_reads_what_the_jobs_logged(tmp_path: Path) -> None:
+    from ablate.backends.hf import PROOF_LOG
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "layer0..layer29.log").write_text(
+        f"ablate.backends.hf: {PROOF_LOG} 30 units in 1.25 s\nother\n"
+    )
+    (tmp_path / "logs" / "head0.0.log").write_text(
+        f"ablate.backends.hf: {PROOF_LOG} 1 units in 0.5 s\n"
+    )
+    assert proof_seconds(tmp_path) == pytest.approx(1.75)
+    assert proof_seconds(tmp_path / "none") is None

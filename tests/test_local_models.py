@@ -101,7 +101,9 @@ def bloom_config(tmp_path, embedded_dir, kind: str) -> dict:
 def test_a_kind_whose_invariant_fails_is_refused_before_any_job(tmp_path, embedded_dir):
     """BLOOM's sublayer hooks would zero the residual stream: the download refuses attn there
     in one line, and once the model is downloaded, so does every DAG build (a dry run too)."""
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "attn")))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "attn"))
+    )
     result = snakemake(tmp_path, "bloom_fig")
     assert result.returncode != 0
     line = ("figures.bloom_fig.panels[0].series.b: models.bloom (bloom) cannot be ablated by attn "
@@ -110,9 +112,13 @@ def test_a_kind_whose_invariant_fails_is_refused_before_any_job(tmp_path, embedd
     assert line in (tmp_path / "logs/download/bloom.log").read_text()
     assert not (tmp_path / "logs/evaluate").exists()
     # A kind that holds there downloads it; asking for attn afterwards is refused at DAG build.
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "layer")))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "layer"))
+    )
     assert snakemake(tmp_path, "resources/models/bloom/download.json").returncode == 0
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "attn")))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(bloom_config(tmp_path, embedded_dir, "attn"))
+    )
     dry = snakemake(tmp_path, "bloom_fig", "-n")
     assert dry.returncode != 0
-    assert f"config error: {line}" in dry.stderr, dry.stderr[-2000:]
+    assert f"config error: {line}" in dry.stdout + dry.stderr, dry.stdout[-2000:]

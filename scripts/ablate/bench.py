@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PROOF_SHARE_TARGET = 0.01  # the invariants checked at job start: at most 1% of a job
 MODEL = {"source": "embedded", "params_b": 0.135, "num_layers": 30, "num_heads": 9,
          "num_kv_heads": 3, "dtype": "float32", "device": "cpu"}  # fmt: skip
 # MMLU as the paper's figures 1-2 score it (answer letter); mmlu_local interleaves subjects, so
@@ -143,8 +145,11 @@ def run_worker(spec: dict[str, Any]) -> tuple[float, int]:
 
 
 def worker(spec: dict[str, Any]) -> None:
+    import logging
+
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from ablate import backends
     from ablate.ablations import Ablation
     from ablate.job import Job
@@ -223,6 +228,7 @@ def run_scenario(
         peaks[candidate] / peaks[baseline],
     )
     floor = compute_floor(scenario, base_spec)
+    proof_s = proof_seconds(out / candidate)
     return {
         "scenario": scenario.name.format(docs=scenario.task["limit"]),
         "compared": f"{candidate} vs {baseline}",
@@ -237,11 +243,25 @@ def run_scenario(
         "memory_ratio": round(memory_ratio, 3),
         "memory_target": scenario.memory_target,
         "scores_identical": not problems,
+        # the job-start invariant checks (ablate.proof) as a share of the candidate's time
+        "proof_share": None if proof_s is None else round(proof_s / walls[candidate], 4),
+        "proof_target": PROOF_SHARE_TARGET,
         "meets_targets": not problems
+        and (proof_s is None or proof_s <= PROOF_SHARE_TARGET * walls[candidate])
         and (scenario.time_target is None or time_ratio <= scenario.time_target)
         and (scenario.memory_target is None or memory_ratio <= scenario.memory_target),
         "_problems": problems[:5],
     }
+
+
+def proof_seconds(side: Path) -> float | None:
+    """Seconds the HF jobs under ``side`` spent proving their units' invariants at job start
+    (what their logs say; None: no HF job)."""
+    from ablate.backends.hf import PROOF_LOG
+
+    found = re.findall(rf"{PROOF_LOG} \d+ units in ([\d.]+) s", "".join(
+        log.read_text(errors="replace") for log in (side / "logs").glob("*.log")))  # fmt: skip
+    return sum(map(float, found)) if found else None
 
 
 def reduced(scenario: Scenario, limit: int | None, units: int | None) -> Scenario:

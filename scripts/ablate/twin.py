@@ -176,11 +176,9 @@ def build_twin(config, blocks_of, seed: int = 0, attn_implementation: str = "sdp
     too (around 1 for norms), so that each one matters to the proof. Where the family's code
     ties a setting to the head width (a rotary width, a fixed section split), the twin keeps
     the model's head width and hidden size. ``blocks_of(model)``: its decoder block list."""
-    import torch
-
     try:
         return _built(twin_config(config, blocks_of), seed, attn_implementation)
-    except Exception:  # noqa: BLE001 (retried below, and that error is the one raised)
+    except Exception:  # retried below, and that error is the one raised
         return _built(twin_config(config, blocks_of, heads_too=False), seed, attn_implementation)
 
 
