@@ -33,5 +33,5 @@ with sole_writer(f"{snakemake.log[0]}.lock"), rule_log(snakemake.log[0], offline
     if proxies := snakemake.input.get("proxies"):  # noqa: F821
         from ablate.proxy import resolved_units
 
-        units = resolved_units(units, Path(proxies).parent)
+        units = resolved_units(units, Path(proxies).parent, job.model["num_layers"])
     backends.run(job, list(zip(units, folders, strict=True)))

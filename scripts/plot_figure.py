@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
 import pandas as pd
 
-from ablate.plot import findings, findings_rst, plot_figure
+from ablate.plot import caption_rst, findings, plot_figure
 from ablate.rule import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821
@@ -14,5 +14,5 @@ with rule_log(snakemake.log[0]):  # noqa: F821
     frame = pd.read_csv(snakemake.input.csv)  # noqa: F821
     titles = [panel.get("title", "") for panel in figure["panels"]]
     plot_figure(frame, figure["title"], titles, [snakemake.output.png, snakemake.output.pdf])  # noqa: F821
-    with open(snakemake.output.findings, "w") as handle:  # noqa: F821
-        handle.write(findings_rst(findings(frame)))
+    with open(snakemake.output.caption, "w") as handle:  # noqa: F821
+        handle.write(caption_rst(snakemake.wildcards.figure, figure, findings(frame)))  # noqa: F821

@@ -117,6 +117,29 @@ CASES = {
         ),
         r"ablation.removed: \[31\] more layers than block_influence orders \(allowed: 1..30\)",
     ),
+    "an explicit order without its layers": (
+        lambda c: c["figures"]["fig5"].update(
+            ablation={"kind": "layer_set", "order": "explicit", "removed": [1]}
+        ),
+        r"figures.fig5.panels\[0\].ablation.layers: required for order explicit",
+    ),
+    "layers under a proxy order": (
+        lambda c: c["figures"]["fig5"].update(
+            ablation={
+                "kind": "layer_set",
+                "order": "block_influence",
+                "removed": [1],
+                "layers": [3, 17],
+            }
+        ),
+        r"ablation.layers: only order explicit takes layers \(block_influence picks from every",
+    ),
+    "layers under the random order": (
+        lambda c: c["figures"]["fig5"].update(
+            ablation={"kind": "layer_set", "order": "random", "removed": [1], "layers": [3]}
+        ),
+        r"ablation.layers: only order explicit takes layers \(random picks from every layer",
+    ),
     "an order on a single-layer sweep": (
         lambda c: c["figures"]["fig5"]["ablation"].update(order="random"),
         r"figures.fig5.panels\[0\].ablation.order: only kind layer_set takes it",
@@ -265,3 +288,16 @@ def test_a_metric_the_paired_statistics_cannot_resample_is_refused():
         "figures.f.panels[0].metric: 'f1' of lm-eval task t is aggregated by f1, which the paired "
         "statistics cannot resample (allowed: mean, weighted_perplexity, bits_per_byte, perplexity)"
     )
+
+
+def test_a_metric_with_a_digit_reaches_the_check_that_names_the_tasks_metrics():
+    """f1 is a metric name: the schema takes it, and the task check says what the task
+    produces (not a regex)."""
+    from ablate.config import check_task_metrics, validate_config
+
+    config = broken(lambda c: c["figures"]["fig5"]["panels"][0].update(metric="f1"))
+    validate_config(config)
+    with pytest.raises(ConfigError, match=r"'f1' is not produced by lm-eval task kv_retrieval_short "
+                       r"of tasks.kv_retrieval \(allowed: 'acc', 'acc_ce'\)"):  # fmt: skip
+        check_task_metrics([("figures.fig5.panels[0].metric", "f1")], ["acc,none", "acc_ce,none"],
+                           "kv_retrieval", "kv_retrieval_short", {})  # fmt: skip

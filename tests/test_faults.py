@@ -33,6 +33,21 @@ def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE is set" in message and "\n" not in message
 
 
+def test_a_local_folder_without_weights_is_refused_at_download(embedded_dir, tmp_path):
+    folder = tmp_path / "weightless"
+    folder.mkdir()
+    shutil.copy(embedded_dir / "config.json", folder / "config.json")
+    spec = {"source": "local", "path": str(folder), "num_layers": 30, "num_heads": 9,
+            "num_kv_heads": 3}  # fmt: skip
+    with pytest.raises(ConfigError) as refusal:
+        download_model("mine", spec, tmp_path / "out")
+    assert str(refusal.value) == (
+        f"models.mine.path: {folder} has a config.json but no *.safetensors weights (save the "
+        "model with save_pretrained, which writes them)"
+    )
+    assert not (tmp_path / "out" / "download.json").exists()
+
+
 def test_a_conversion_killed_half_way_is_redone_and_then_linked(tmp_path, monkeypatch):
     """The embedded model is converted once per machine; a cached conversion without its
     completion marker (the job was killed) is converted again, and every later run links it."""

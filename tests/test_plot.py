@@ -60,3 +60,23 @@ def test_plot_writes_png_and_pdf(tmp_path):
     out = [tmp_path / "f.png", tmp_path / "f.pdf"]
     plot_figure(figure_csv(0.6, [-0.3, 0.02], [True, False]), "title", [""], out)
     assert all(path.stat().st_size > 1000 for path in out)
+
+
+def test_config_text_reaches_the_caption_as_text():
+    """A title with a line break and a raw-HTML directive, reST markup and a substitution: the
+    caption renders them literally, as docutils renders Snakemake's captions (before, the
+    directive became a live <script> and |sub| an error box)."""
+    from docutils.core import publish_parts
+
+    from ablate.plot import caption_rst
+
+    title = "Layers\n\n.. raw:: html\n\n   <script>alert(1)</script>\n\n**bold** |sub|"
+    figure = {"title": title, "caption": "See `this <http://x>`_ and [1]_."}
+    rst = caption_rst("fig1", figure, ["SmolLM2 (acc): no significant Δ"])
+    html = publish_parts(rst, writer_name="html")["body"]
+    assert "<script>" not in html and "system-message" not in html and "<strong>" not in html
+    text = html.split("<p>")[1].split("</p>")[0]
+    shown = " ".join(title.split()).replace("<", "&lt;").replace(">", "&gt;")
+    assert text.startswith(f"fig1: {shown}. Score per ablated unit")
+    assert "See `this &lt;http://x&gt;`_ and [1]_. What it found:" in text
+    assert html.count("<li>") == 1

@@ -133,3 +133,45 @@ def test_proxy_orders_pick_the_least_influential_layers_and_the_closest_block():
     units = removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)
     assert [set(u.layers) < set(v.layers) for u, v in itertools.pairwise(units)] == [True, True]
     assert units == removal_units({"order": "random", "removed": [1, 2, 3], "seeds": [7]}, 5)
+
+
+def write_proxy_files(folder, influence):
+    """The baseline's two proxy files for a model of len(influence) layers."""
+    count = len(influence)
+    pd.DataFrame({"layer": range(count), "block_influence": influence}).to_csv(
+        folder / "proxies.csv", index=False
+    )
+    blocks = [{"start": s, "size": n, "angular_distance": 0.1 * n + 0.01 * s}
+              for n in range(1, count + 1) for s in range(count - n + 1)]  # fmt: skip
+    pd.DataFrame(blocks).to_csv(folder / "angular_blocks.csv", index=False)
+
+
+def test_proxy_files_are_read_by_column_and_refused_when_truncated(tmp_path):
+    """Layers 17 and 25 are the least influential of 30: shuffled rows pick them too; a file cut
+    mid-row, a row deleted in the middle or a non-number is refused in one line (before, a
+    truncated file picked layers 3 and 2+3 and the workflow exited 0)."""
+    from ablate.ablations import Ablation
+    from ablate.proxy import resolved_units
+
+    influence = [0.5 + 0.01 * layer for layer in range(30)]
+    influence[17], influence[25] = 0.01, 0.02
+    write_proxy_files(tmp_path, influence)
+    units = [Ablation.parse("drop1_by_block_influence"), Ablation.parse("drop2_by_block_influence")]
+    expected = ["layers17", "layers17+25"]
+    assert [u.id for u in resolved_units(units, tmp_path, 30)] == expected
+    proxies = tmp_path / "proxies.csv"
+    lines = proxies.read_text().splitlines()
+    proxies.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    assert [u.id for u in resolved_units(units, tmp_path, 30)] == expected
+    broken = {
+        "cut mid-row": "\n".join(lines[:11]) + "\n11,0.6",
+        "a row deleted": "\n".join(lines[:5] + lines[6:]) + "\n",
+        "not a number": "\n".join(lines[:3] + ["2,abc"] + lines[4:]) + "\n",
+    }
+    for case, text in broken.items():
+        proxies.write_text(text)
+        with pytest.raises(ValueError) as refused:
+            resolved_units(units, tmp_path, 30)
+        message = str(refused.value)
+        assert message.startswith(f"{proxies}: ") and "\n" not in message, case
+        assert "delete the baseline's folder and rerun" in message, case

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from fractions import Fraction
@@ -14,8 +15,10 @@ from ablate.stats import (
     benjamini_hochberg,
     holm,
     mcnemar_exact,
+    paired_bootstrap,
     paired_delta,
     paired_test,
+    sign_flip_exact,
     spearman,
 )
 
@@ -54,23 +57,27 @@ def test_mcnemar_exact():
 
 def test_paired_test_significant_where_unpaired_is_not():
     # Documents differ a lot in difficulty, the ablation costs each about 0.1.
-    base = docs([0.0, 0.25, 0.5, 0.75, 1.0])
-    ablated = docs([-0.1, 0.13, 0.42, 0.65, 0.9])
-    # Paired: d = [-0.1, -0.12, -0.08, -0.1, -0.1], Δ = -0.1, SS = 0.0008, var = 0.0002,
-    # se = √0.0002/√5 = 0.0063246, z = -15.8: p ≈ 3e-56.
+    base = docs([0.0, 0.25, 0.5, 0.75, 1.0] * 3)
+    ablated = docs([-0.1, 0.13, 0.42, 0.65, 0.9] * 3)
+    # Paired: d = [-0.1, -0.12, -0.08, -0.1, -0.1] x 3, Δ = -0.1, SS = 3 x 0.0008, var =
+    # 0.0024/14, se = √(var/15) = 0.00338, z = -29.6.
     paired = paired_delta(base, ablated)
+    se = math.sqrt(0.0024 / 14 / 15)
     assert paired["test"] == "paired_normal"
     assert paired["delta"] == pytest.approx(-0.1)
-    assert paired["stderr"] == pytest.approx(math.sqrt(0.0002 / 5))
-    assert paired["p_value"] == pytest.approx(math.erfc(0.1 / math.sqrt(0.0002 / 5) / math.sqrt(2)))
+    assert paired["stderr"] == pytest.approx(se)
+    assert paired["p_value"] == pytest.approx(math.erfc(0.1 / se / math.sqrt(2)))
     assert paired["p_value"] < 0.05 and paired["ci_high"] < 0
-    # Unpaired two-sample z: var(base) = 0.625/4 = 0.15625, var(ablated) = 0.6358/4 = 0.15895,
-    # se = √((0.15625 + 0.15895)/5) = 0.25108, z = -0.398: p = 0.69.
-    unpaired_se = math.sqrt((base.var() + ablated.var()) / 5)
-    assert unpaired_se == pytest.approx(0.25108, abs=1e-5)
+    # Unpaired two-sample z: var(base) = 1.875/14, var(ablated) = 1.9074/14: se = 0.1420,
+    # z = -0.704, p = 0.48.
+    unpaired_se = math.sqrt((base.var() + ablated.var()) / 15)
+    assert unpaired_se == pytest.approx(math.sqrt((1.875 + 1.9074) / 14 / 15), abs=1e-5)
     unpaired_p = math.erfc(abs(ablated.mean() - base.mean()) / unpaired_se / math.sqrt(2))
-    assert unpaired_p == pytest.approx(0.6905, abs=1e-3)
     assert unpaired_p > 0.05
+    # The first five documents alone: tested exactly, every difference negative, so only the
+    # all-negative and all-positive of the 32 sign assignments are as extreme: p = 2/32.
+    few = paired_delta(docs([0.0, 0.25, 0.5, 0.75, 1.0]), docs([-0.1, 0.13, 0.42, 0.65, 0.9]))
+    assert (few["test"], few["p_value"]) == ("sign_flip_exact", pytest.approx(2 / 32))
 
 
 def test_paired_delta_edge_cases():
@@ -93,10 +100,14 @@ def test_corpus_perplexity_delta_is_lm_evals_and_resampled_in_pairs():
     # exp(105/40) = 13.7909..., exp(127/40) = 23.9144...: Δ = +10.1235 (lm-eval's corpus values,
     # not a mean of per-document perplexities).
     result = paired_test(base, ablated, "weighted_perplexity")
-    assert result["test"] == "paired_bootstrap"
     assert result["delta"] == pytest.approx(math.exp(127 / 40) - math.exp(105 / 40))
-    # Every document is worse ablated, so every resample is: p at its floor, the CI above 0.
-    assert result["p_value"] == pytest.approx(1 / 2000) and result["ci_low"] > 0
+    # Four documents: the exact sign-flip test, whose floor is 2/16.
+    assert (result["test"], result["p_value"]) == ("sign_flip_exact", pytest.approx(2 / 16))
+    # Sixteen: resampled. Every document is worse ablated, so every resample is: p at its
+    # floor, the CI above 0.
+    many = paired_test(pairs(base.tolist() * 4), pairs(ablated.tolist() * 4), "weighted_perplexity")
+    assert many["test"] == "paired_bootstrap" and many["delta"] == pytest.approx(result["delta"])
+    assert many["p_value"] == pytest.approx(1 / 2000) and many["ci_low"] > 0
     bits = paired_test(base, ablated, "bits_per_byte")
     assert bits["delta"] == pytest.approx((127 - 105) / 40 / math.log(2))
     # An unchanged model: Δ 0 and p 1. Opposite changes that cancel: not significant.
@@ -176,3 +187,27 @@ def test_library_backed_functions_match_reference_formulas():
         ranks = pd.DataFrame({"x": xt, "y": yt}).rank()
         expected = np.corrcoef(ranks["x"], ranks["y"])[0, 1]
         assert spearman(xt, yt) == pytest.approx(expected, rel=1e-12)
+
+
+def test_three_documents_are_tested_exactly_and_never_significant():
+    """A bootstrap of three documents reports p = 1/draws; the exact sign-flip test has eight
+    assignments, so its smallest two-sided p is 2/8."""
+    base = np.array([[-10.0, 5], [-12.0, 6], [-9.0, 4]])
+    ablated = base + np.array([[-3.0, 0], [-4.0, 0], [-5.0, 0]])
+    result = paired_bootstrap(base, ablated, "weighted_perplexity")
+    assert result["test"] == "sign_flip_exact" and result["n"] == 3
+    assert result["p_value"] == pytest.approx(0.25)
+    mean = paired_delta(pd.Series([0.9, 0.8, 0.7]), pd.Series([0.1, 0.2, 0.3]))
+    assert (mean["test"], mean["p_value"]) == ("sign_flip_exact", pytest.approx(0.25))
+
+
+def test_the_sign_flip_test_counts_assignments_as_extreme_as_observed():
+    """Differences 1, 2, 3, -1 of a mean (|Σ d| = 5 observed): of the 16 sign assignments,
+    6 have |Σ ±d| ≥ 5 (sums ±7, ±5, ±5)."""
+    base = np.zeros(4)
+    ablated = np.array([1.0, 2.0, 3.0, -1.0])
+    sums = [abs(sum(s * d for s, d in zip(signs, ablated, strict=True)))
+            for signs in itertools.product((1, -1), repeat=4)]  # fmt: skip
+    expected = sum(total >= 5 for total in sums) / 16
+    assert sign_flip_exact(base, ablated, np.mean) == pytest.approx(expected)
+    assert expected == pytest.approx(6 / 16)

@@ -17,7 +17,9 @@ import pandas as pd
 from ablate.ablations import PROXY_COLUMN_PREFIX
 from ablate.config import Run, figure_runs
 from ablate.io import write_atomically
+from ablate.paths import PROXIES as PROXIES_FILE
 from ablate.paths import UNIT_DIR
+from ablate.proxy_files import read_proxies
 from ablate.stats import holm, paired_test, spearman
 
 COLUMNS = [
@@ -195,7 +197,7 @@ def aggregate(config: dict[str, Any], figure_id: str, results_dir: Path) -> pd.D
     tests = tests.assign(p_holm=holm(tests["p_value"].to_numpy())).drop(columns="p_value")
     frame["p_holm"] = frame[test_key].merge(tests, on=test_key, how="left")["p_holm"].to_numpy()
     frame["significant"] = frame["p_holm"] < ALPHA
-    return add_proxies(frame, results_dir)
+    return add_proxies(frame, results_dir, config["models"])
 
 
 def harm(rows: pd.DataFrame) -> pd.Series:
@@ -205,20 +207,26 @@ def harm(rows: pd.DataFrame) -> pd.Series:
     return sign * rows["delta"]
 
 
-def add_proxies(frame: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
-    """Proxy values of each layer or sublayer row, and per (panel, series) their Spearman ρ
-    with the harm (−Δ; Δ where lower is better)."""
+def add_proxies(
+    frame: pd.DataFrame, results_dir: Path, models: dict[str, dict[str, Any]]
+) -> pd.DataFrame:
+    """Proxy values of each layer or sublayer row (the baseline's proxies, validated for the
+    model's layers: config ``models``), and per (panel, series) their Spearman ρ with the harm
+    (−Δ; Δ where lower is better)."""
     with_proxy = frame[frame["ablation_kind"].isin(list(PROXY_COLUMN_PREFIX))]
     for (model, task), rows in with_proxy.groupby(["model", "task"]):
-        path = result_path(results_dir, model, task, "base").with_name("proxies.csv")
+        path = result_path(results_dir, model, task, "base").with_name(PROXIES_FILE)
         if not path.exists():
             raise ResultError(f"{path}: missing (the baseline evaluation writes it)")
-        proxies = pd.read_csv(path).set_index("layer")  # once for layer and sublayer rows
+        columns = tuple(PROXY_COLUMN_PREFIX[k] + n for k in rows["ablation_kind"].unique()
+                        for n in PROXIES)  # fmt: skip
+        try:  # once for layer and sublayer rows
+            proxies = read_proxies(path, models[model]["num_layers"], columns, gaps=columns)
+        except ValueError as error:
+            raise ResultError(str(error)) from None
         for kind, kind_rows in rows.groupby("ablation_kind"):
             for name in PROXIES:
                 column = PROXY_COLUMN_PREFIX[kind] + name
-                if column not in proxies:
-                    raise ResultError(f"{path}: no {column} (an older baseline: delete its folder)")
                 frame.loc[kind_rows.index, name] = proxies.loc[
                     kind_rows["layer"], column
                 ].to_numpy()

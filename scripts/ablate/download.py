@@ -81,6 +81,11 @@ def link_local_checkpoint(model_id: str, folder: Path, out_dir: Path) -> dict[st
     files = [f for pattern in CHECKPOINT_FILES for f in sorted(folder.resolve().glob(pattern))]
     if not (folder / "config.json").exists():
         raise ConfigError(f"models.{model_id}.path: {folder} has no config.json (not a checkpoint)")
+    if not any(file.suffix == ".safetensors" for file in files):
+        raise ConfigError(
+            f"models.{model_id}.path: {folder} has a config.json but no *.safetensors weights "
+            "(save the model with save_pretrained, which writes them)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for file in files:
         (out_dir / file.name).unlink(missing_ok=True)

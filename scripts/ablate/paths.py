@@ -29,4 +29,5 @@ FIGURE_PROVENANCE = "results/aggregate/{figure}.provenance.csv"
 CLAIMS_CSV = "results/claims/{figure}.csv"
 FIGURE_PNG = "results/figures/{figure}.png"
 FIGURE_PDF = "results/figures/{figure}.pdf"
-FIGURE_FINDINGS = "results/figures/{figure}.findings.rst"  # the report caption includes it
+# The report's caption of a figure (config text escaped: ablate.plot.caption_rst)
+FIGURE_CAPTION = "results/figures/{figure}.caption.rst"

@@ -58,11 +58,31 @@ def findings(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+DESCRIPTION = "Score per ablated unit (line, dashed = unablated baseline) above Δ = ablated − baseline (bars)."
+
+
+def rst_text(text: str) -> str:
+    """``text`` as one paragraph of reStructuredText that shows it literally: line breaks
+    folded (no directive or block can start) and every character reST reads as markup escaped
+    (config strings: titles, captions, series labels)."""
+    return re.sub(r"([\\*`|_<>\[\]:])", r"\\\1", " ".join(text.split()))
+
+
 def findings_rst(lines: list[str]) -> str:
-    """The findings as a reStructuredText bullet list for the report's caption, every character
-    that reST reads as markup escaped (series labels come from the config)."""
-    escaped = (re.sub(r"([\\*`|_<>\[\]:])", r"\\\1", line) for line in lines)
-    return "".join(f"- {line}\n" for line in escaped)
+    """The findings as a reStructuredText bullet list, each line shown as written."""
+    return "".join(f"- {rst_text(line)}\n" for line in lines)
+
+
+def caption_rst(figure_id: str, figure: dict, lines: list[str]) -> str:
+    """The report's caption of a figure: its id and title, what it plots, its caption from the
+    config, and its findings; the config's text shown as text, never as markup."""
+    head = [
+        f"{figure_id}: {figure['title']}.",
+        DESCRIPTION,
+        figure.get("caption", ""),
+        "What it found:",
+    ]
+    return rst_text(" ".join(part for part in head if part)) + "\n\n" + findings_rst(lines)
 
 
 def delta_bars(ax, data: pd.DataFrame, colors: dict[str, str]) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from ablate.ablations import Ablation, resolved
 from ablate.anatomy import Anatomy
 from ablate.paths import BLOCK_DISTANCES, PROXIES
+from ablate.proxy_files import read_block_distances, read_proxies
 
 PARTS = ("", "attn_", "mlp_")  # whole layer, attention sublayer, MLP sublayer
 
@@ -176,14 +177,14 @@ def block_distances(
     return pd.DataFrame(rows_out)
 
 
-def resolved_units(units: list[Ablation], baseline_dir: Path) -> list[Ablation]:
+def resolved_units(units: list[Ablation], baseline_dir: Path, num_layers: int) -> list[Ablation]:
     """Units as they run: a proxy-ordered layer_set becomes the layer set that the baseline's
-    proxies (in ``baseline_dir``) pick; the others stay as they are."""
+    proxies (in ``baseline_dir``, validated for a model of ``num_layers`` layers) pick; the
+    others stay as they are."""
     if all(unit.order is None for unit in units):
         return units
-    influence = pd.read_csv(baseline_dir / PROXIES).sort_values("layer")["block_influence"]
-    blocks = pd.read_csv(baseline_dir / BLOCK_DISTANCES)
-    distance = {(int(r.start), int(r.size)): float(r.angular_distance) for r in blocks.itertuples()}
+    influence = read_proxies(baseline_dir / PROXIES, num_layers)["block_influence"]
+    distance = read_block_distances(baseline_dir / BLOCK_DISTANCES, num_layers)
     return [resolved(unit, influence.tolist(), distance) for unit in units]
 
 

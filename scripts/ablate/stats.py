@@ -19,6 +19,9 @@ from scipy import stats
 Z_95 = 1.96  # two-sided 95% quantile of the standard normal
 BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_SEED = 0
+# Up to this many documents a paired test enumerates every sign flip (2^n assignments) instead
+# of resampling or a normal approximation, which mean nothing on a handful of documents.
+EXACT_MAX_DOCUMENTS = 12
 
 
 def _weighted(log_likelihoods: np.ndarray, counts: np.ndarray) -> float:
@@ -44,7 +47,8 @@ def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int |
     se = std(differences, ddof=1) / √n. The p-value is two-sided: McNemar's exact test
     (binomial on the discordant documents) when every score is 0 or 1, otherwise the normal
     approximation of the paired t statistic Δ/se (fine for the hundreds of documents a task
-    has; anticonservative for a handful). ``test`` names which one was used.
+    has), or up to :data:`EXACT_MAX_DOCUMENTS` documents :func:`sign_flip_exact`, since the
+    normal approximation is anticonservative for a handful. ``test`` names which one was used.
     """
     x, y = aligned(base, ablated)
     if np.isnan(x).any() or np.isnan(y).any():
@@ -59,6 +63,8 @@ def paired_delta(base: pd.Series, ablated: pd.Series) -> dict[str, float | int |
         b = int(((x == 1) & (y == 0)).sum())
         c = int(((x == 0) & (y == 1)).sum())
         test, p_value = "mcnemar_exact", mcnemar_exact(b, c)
+    elif n <= EXACT_MAX_DOCUMENTS:
+        test, p_value = "sign_flip_exact", sign_flip_exact(x, y, lambda values: values.mean())
     else:
         test, p_value = "paired_normal", _paired_normal_p(diff, delta, stderr)
     return {
@@ -116,7 +122,9 @@ def paired_bootstrap(
     same order, on both sides), with a paired bootstrap: ``draws`` resamples of the documents,
     the same indices for both models. stderr is the resampled Δs' standard deviation, the 95% CI
     their 2.5 and 97.5 percentiles, and the two-sided p-value twice the smaller share of
-    resampled Δs on either side of 0 (at least 1/draws)."""
+    resampled Δs on either side of 0 (at least 1/draws); up to :data:`EXACT_MAX_DOCUMENTS`
+    documents the p-value is :func:`sign_flip_exact`'s instead (a bootstrap of three documents
+    reports p = 1/draws)."""
     reduce = CORPUS_AGGREGATIONS[aggregation]
     if base.shape != ablated.shape or not len(base):
         raise ValueError(f"paired values differ in shape: {base.shape} and {ablated.shape}")
@@ -127,15 +135,38 @@ def paired_bootstrap(
         rows = rng.integers(0, len(base), len(base))
         resampled[draw] = reduce(ablated[rows]) - reduce(base[rows])
     side = min((resampled <= 0).mean(), (resampled >= 0).mean())
+    p_value = 1.0 if delta == 0 else float(min(1.0, max(2 * side, 1 / draws)))
+    test = "paired_bootstrap"
+    if len(base) <= EXACT_MAX_DOCUMENTS:
+        test, p_value = "sign_flip_exact", sign_flip_exact(base, ablated, reduce)
     return {
         "delta": delta,
         "stderr": float(resampled.std(ddof=1)),
         "ci_low": float(np.percentile(resampled, 2.5)),
         "ci_high": float(np.percentile(resampled, 97.5)),
         "n": len(base),
-        "p_value": 1.0 if delta == 0 else float(min(1.0, max(2 * side, 1 / draws))),
-        "test": "paired_bootstrap",
+        "p_value": p_value,
+        "test": test,
     }
+
+
+def sign_flip_exact(base: np.ndarray, ablated: np.ndarray, reduce) -> float:
+    """Two-sided exact paired permutation p-value of Δ = reduce(ablated) − reduce(base): under
+    no effect each document's two values are exchangeable, so every one of the 2^n assignments
+    of its values to the sides is equally likely; p is the share of assignments whose |Δ| is at
+    least the observed one (the observed assignment included, so p ≥ 2/2^n for Δ ≠ 0)."""
+    n = len(base)
+    observed = abs(reduce(ablated) - reduce(base))
+    if observed == 0:
+        return 1.0
+    flips = (np.arange(2**n)[:, None] >> np.arange(n)) & 1  # one row per assignment
+    extreme = 0
+    for flip in flips.astype(bool):
+        shape = (n,) + (1,) * (base.ndim - 1)
+        swap = flip.reshape(shape)
+        delta = reduce(np.where(swap, base, ablated)) - reduce(np.where(swap, ablated, base))
+        extreme += abs(delta) >= observed * (1 - 1e-12)
+    return float(extreme / 2**n)
 
 
 def mcnemar_exact(b: int, c: int) -> float:

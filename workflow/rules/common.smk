@@ -30,7 +30,7 @@ from ablate.paths import (
     EVALUATION_LOG,
     EVALUATIONS,
     FIGURE_CSV,
-    FIGURE_FINDINGS,
+    FIGURE_CAPTION,
     FIGURE_PDF,
     FIGURE_PNG,
     FIGURE_PROVENANCE,

@@ -9,7 +9,7 @@ rule plot_figure:
             labels={"figure": "{figure}"},
         ),
         pdf=FIGURE_PDF,
-        findings=FIGURE_FINDINGS,
+        caption=FIGURE_CAPTION,
     log:
         "logs/plot/{figure}.log",
     conda:

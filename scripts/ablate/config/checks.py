@@ -44,8 +44,18 @@ def _check_removal(key: str, ablation: dict, num_layers: int) -> None:
     order, layers = ablation["order"], ablation.get("layers", "all")
     if ablation.get("seeds") is not None and order != "random":
         raise ConfigError(f"{key}.seeds: only order random takes seeds (order is {order})")
+    if order == "explicit" and layers == "all":
+        raise ConfigError(
+            f"{key}.layers: required for order explicit (the layers in removal order, e.g. "
+            "[17, 25, 3]; or order: block_influence, angular_block, random)"
+        )
+    if order != "explicit" and layers != "all":
+        raise ConfigError(
+            f"{key}.layers: only order explicit takes layers ({order} picks from every layer; "
+            f"allowed here: all)"
+        )
     most = num_layers
-    if order == "explicit" and layers != "all":
+    if order == "explicit":
         if len(set(layers)) != len(layers):
             raise ConfigError(f"{key}.layers: an explicit order names each layer once: {layers}")
         most = len(layers)
