@@ -166,7 +166,7 @@ def test_proxy_files_are_read_by_column_and_refused_when_truncated(tmp_path):
     broken = {
         "cut mid-row": "\n".join(lines[:11]) + "\n11,0.6",
         "a row deleted": "\n".join(lines[:5] + lines[6:]) + "\n",
-        "not a number": "\n".join(lines[:3] + ["2,abc"] + lines[4:]) + "\n",
+        "not a number": "\n".join([*lines[:3], "2,abc", *lines[4:]]) + "\n",
     }
     for case, text in broken.items():
         proxies.write_text(text)
