@@ -282,3 +282,22 @@ def test_prefetch_refuses_a_protocol_other_than_the_tasks_output_type(tmp_path):
     assert record["aggregations"] == {"word_perplexity": "weighted_perplexity",
                                       "byte_perplexity": "weighted_perplexity",
                                       "bits_per_byte": "bits_per_byte"}  # fmt: skip
+
+
+def test_a_task_yaml_that_does_not_parse_is_named_with_its_line(tmp_path):
+    """lm-eval skips a YAML it cannot parse, so its task is only "unknown": the refusal names
+    the file, the line and the YAML error instead."""
+    from ablate.config import ConfigError
+    from ablate.download import prefetch_task
+
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "my_bad.yaml").write_text("task: my_bad\noutput_type: loglikelihood\ndoc_to_text: [\n")
+    task = {"lm_eval_task": "my_bad", "protocol": "loglikelihood", "task_paths": [str(folder)]}
+    with pytest.raises(ConfigError) as refused:
+        prefetch_task(task, str(DATA_DIR), tmp_path / "mine.json", "mine")
+    assert str(refused.value) == (
+        "tasks.mine.lm_eval_task: unknown lm-eval task 'my_bad', and a task YAML of its folders "
+        f"does not parse: {folder / 'my_bad.yaml'}: line 4: expected the node content, but found "
+        "'<stream end>' (lm-eval skips such a file)"
+    )

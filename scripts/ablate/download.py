@@ -15,6 +15,7 @@ from typing import Any
 
 from ablate.backends import PROTOCOL_OUTPUT_TYPES
 from ablate.config import ConfigError, check_proof, check_task_metrics
+from ablate.config.tasks import yaml_errors
 from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
 
@@ -224,6 +225,11 @@ def prefetch_task(
     name = task["lm_eval_task"]
     manager = task_manager(task, data_dir)
     if name not in manager.all_tasks:
+        if broken := yaml_errors(task.get("task_paths", [])):
+            raise ConfigError(
+                f"{_key(task_id, 'lm_eval_task')}: unknown lm-eval task {name!r}, and a task "
+                f"YAML of its folders does not parse: {broken[0]} (lm-eval skips such a file)"
+            )
         close = difflib.get_close_matches(name, manager.all_tasks, n=4, cutoff=0.6)
         registry = "" if not task.get("local", True) else ", local: false lm-eval's registry"
         raise ConfigError(

@@ -29,6 +29,22 @@ def _task_yaml(path: Path) -> Any:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)
 
 
+def yaml_errors(folders: Sequence[str | Path]) -> list[str]:
+    """One line per task YAML under ``folders`` that does not parse (lm-eval skips those, so
+    the task it defines is only "unknown"): its file, line and YAML error."""
+    errors = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob("**/*.yaml")):
+            try:
+                _task_yaml(path)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f"line {mark.line + 1}: " if mark is not None else ""
+                problem = getattr(error, "problem", None) or " ".join(str(error).split())
+                errors.append(f"{path}: {where}{problem}")
+    return errors
+
+
 @functools.cache
 def folder_task_names(folder: Path) -> frozenset[str]:
     """The task, group and tag names lm-eval indexes in ``folder`` (its YAMLs, includes unread)."""
