@@ -152,6 +152,12 @@ CASES = {
         lambda c: c["figures"]["fig20"]["ablation"].update(source="nope"),
         r"ablation.source: 'nope' is not a model id",
     ),
+    "a source that is the model itself": (
+        lambda c: c["figures"]["fig20"]["ablation"].update(source="smollm2_noisy_oproj"),
+        r"ablation.source: smollm2_noisy_oproj is model smollm2_noisy_oproj itself, so every oproj "
+        r"unit would equal the "
+        r"baseline \(Δ = 0 by construction",
+    ),
     "o_proj shapes differ": (
         lambda c: c["models"]["smollm2_noisy_oproj"].update(num_layers=24),
         r"oproj needs equal shapes, but smollm2_noisy_oproj and smollm2 differ in num_layers",
@@ -301,3 +307,32 @@ def test_a_metric_with_a_digit_reaches_the_check_that_names_the_tasks_metrics():
                        r"of tasks.kv_retrieval \(allowed: 'acc', 'acc_ce'\)"):  # fmt: skip
         check_task_metrics([("figures.fig5.panels[0].metric", "f1")], ["acc,none", "acc_ce,none"],
                            "kv_retrieval", "kv_retrieval_short", {})  # fmt: skip
+
+
+def test_a_source_whose_tensors_have_other_shapes_is_refused_from_the_config_files(tmp_path):
+    """Declared shapes equal (layers, heads), real ones not: the two checkpoints' config.json
+    files tell, before any job (before, the job failed on the first swapped tensor)."""
+    import transformers
+
+    from ablate.config.checks import check_source_shapes
+
+    config = broken(lambda c: None)
+    folders = {"smollm2": tmp_path / "a", "smollm2_noisy_oproj": tmp_path / "b"}
+    tiny = dict(hidden_size=72, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                head_dim=8, vocab_size=100)  # fmt: skip
+    transformers.LlamaConfig(**tiny, intermediate_size=96).save_pretrained(folders["smollm2"])
+    transformers.LlamaConfig(**tiny, intermediate_size=96).save_pretrained(
+        folders["smollm2_noisy_oproj"]
+    )
+    check_source_shapes(config, folders)
+    transformers.LlamaConfig(**tiny, intermediate_size=128).save_pretrained(
+        folders["smollm2_noisy_oproj"]
+    )
+    with pytest.raises(ConfigError) as refused:
+        check_source_shapes(config, folders)
+    # fig19's o_proj series passes (its o_proj shapes are equal); its whole-layer one is refused
+    assert str(refused.value).startswith("figures.fig19.panels[0].series.SmolLM2 ← stand-in whole")
+    assert str(refused.value).endswith(
+        ".ablation.source: smollm2_noisy_oproj stores model.layers.0.mlp.gate_proj.weight as "
+        "[128, 72], model smollm2 as [96, 72] (a swap needs equal tensor shapes)"
+    )

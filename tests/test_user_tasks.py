@@ -292,7 +292,9 @@ def test_a_task_yaml_that_does_not_parse_is_named_with_its_line(tmp_path):
 
     folder = tmp_path / "my_tasks"
     folder.mkdir()
-    (folder / "my_bad.yaml").write_text("task: my_bad\noutput_type: loglikelihood\ndoc_to_text: [\n")
+    (folder / "my_bad.yaml").write_text(
+        "task: my_bad\noutput_type: loglikelihood\ndoc_to_text: [\n"
+    )
     task = {"lm_eval_task": "my_bad", "protocol": "loglikelihood", "task_paths": [str(folder)]}
     with pytest.raises(ConfigError) as refused:
         prefetch_task(task, str(DATA_DIR), tmp_path / "mine.json", "mine")

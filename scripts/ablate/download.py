@@ -15,6 +15,7 @@ from typing import Any
 
 from ablate.backends import PROTOCOL_OUTPUT_TYPES
 from ablate.config import ConfigError, check_proof, check_task_metrics
+from ablate.config.checks import check_source_shapes
 from ablate.config.tasks import yaml_errors
 from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
@@ -148,6 +149,9 @@ def download_model(
     proof = record["proof"] = check_architecture(model_id, spec, out_dir)
     if config is not None:
         check_proof(config, model_id, proof)
+        downloaded = {m: out_dir.parent / m for m in config["models"]
+                      if (out_dir.parent / m / DOWNLOAD_RECORD).exists()}  # fmt: skip
+        check_source_shapes(config, downloaded | {model_id: out_dir})
     if sweep_off := proof["sweep_off"].get("layer") or proof["sweep_off"].get("base"):
         record["sweep_off"] = sweep_off
         log.warning(

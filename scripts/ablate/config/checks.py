@@ -11,6 +11,7 @@ from typing import Any
 from ablate.ablations import (
     CONFIG_KINDS,
     LAYER_SET,
+    LAYER_SWAP_KINDS,
     QUERY_HEAD_KINDS,
     REMOVAL_ORDERS,
     SOURCE_KINDS,
@@ -87,6 +88,11 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
             raise ConfigError(
                 f"{key}.source: {source!r} is not a model id (allowed: {listed(config['models'])})"
             )
+        if source == model_id or _same_checkpoint(config["models"][source], model):
+            raise ConfigError(
+                f"{key}.source: {source} is model {model_id} itself, so every {kind} unit would "
+                f"equal the baseline (Δ = 0 by construction; allowed: another model's id)"
+            )
         shape = ("num_layers", "num_heads", "num_kv_heads")
         if any(config["models"][source][k] != model[k] for k in shape):
             raise ConfigError(
@@ -95,6 +101,13 @@ def _check_ablation(key: str, ablation: dict, model_id: str, config: dict) -> No
             )
     elif ablation.get("source") is not None:
         raise ConfigError(f"{key}.source: only {listed(SOURCE_KINDS)} take a source model")
+
+
+def _same_checkpoint(a: dict, b: dict) -> bool:
+    """Whether two model entries load the same weights (the same hub revision or folder, no
+    noise added to either)."""
+    where = ("source", "repo_id", "revision", "path", "o_proj_noise")
+    return all(a.get(k) == b.get(k) for k in where)
 
 
 # The workflow's own rule names: a figure of one of these names (each figure is a rule too)
@@ -207,12 +220,62 @@ def check_proof(config: dict[str, Any], model_id: str, proof: dict[str, Any]) ->
 
 
 def check_model_proofs(config: dict[str, Any], root: Path = Path()) -> None:
-    """:func:`check_proof` for every model whose download recorded a proof under ``root``
-    (before any job; a model not yet downloaded is checked by its download)."""
+    """:func:`check_proof` for every model whose download recorded a proof under ``root``, and
+    :func:`check_source_shapes` for the downloaded ones (before any job; a model not yet
+    downloaded is checked by its download)."""
+    folders = {}
     for model_id in config["models"]:
+        marker = root / MODEL_RECORD.format(model=model_id)
         try:
-            record = json.loads((root / MODEL_RECORD.format(model=model_id)).read_text())
+            record = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
+        folders[model_id] = marker.parent
         if "proof" in record:
             check_proof(config, model_id, record["proof"])
+    check_source_shapes(config, folders)
+
+
+def check_source_shapes(config: dict[str, Any], folders: dict[str, Path]) -> None:
+    """A source model must store each tensor a swap takes in the model's shape (o_proj's, or
+    every block tensor's for a whole-layer swap): compared from both checkpoints' config.json
+    (models built on the meta device, no weights), for each series whose model and source
+    ``folders`` has (model id -> checkpoint folder)."""
+    shapes: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {}
+    for figure_id, figure in config["figures"].items():
+        for index, _, series in panel_series(figure):
+            ablation = series_ablation(figure, series)
+            model_id, source_id = series["model"], ablation.get("source")
+            if ablation["kind"] not in SOURCE_KINDS or not {model_id, source_id} <= set(folders):
+                continue
+            for id_ in (model_id, source_id):
+                shapes.setdefault(id_, _block_shapes(folders[id_]))
+            (model, attention_out), (source, _) = shapes[model_id], shapes[source_id]
+            whole = ablation["kind"] in LAYER_SWAP_KINDS
+            taken = [n for n in model if whole or n.endswith(f".{attention_out}.weight")]
+            if differ := [name for name in taken if source.get(name) != model[name]]:
+                key = f"figures.{figure_id}.panels[{index}].series.{series['label']}.ablation"
+                raise ConfigError(
+                    f"{key}.source: {source_id} stores {differ[0]} as "
+                    f"{list(source.get(differ[0], ()))}, model {model_id} as "
+                    f"{list(model[differ[0]])} (a swap needs equal tensor shapes)"
+                )
+
+
+def _block_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Every decoder block parameter's shape of the checkpoint in ``folder`` (from its config
+    alone), and the name of a block's attention output projection."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ablate.anatomy import Anatomy
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    anatomy = Anatomy.of(model)
+    shapes = {
+        name: tuple(parameter.shape)
+        for name, parameter in model.named_parameters()
+        if name.startswith(f"{anatomy.layers}.")
+    }
+    return shapes, anatomy.attention_out
