@@ -80,3 +80,22 @@ def test_declared_shapes_and_thinking_switch_are_checked_against_the_checkpoint(
         ConfigError, match=r"models.smollm2.has_thinking: .* no enable_thinking switch"
     ):
         check_thinking_switch("smollm2", spec | {"has_thinking": True}, embedded_dir)
+
+
+def test_a_unit_of_other_weights_than_its_baseline_is_refused(tmp_path):
+    """The weights a result was computed from (a digest of the checkpoint's files) must be its
+    baseline's, even under one revision string (a re-download, a checkpoint edited in place);
+    results written before the digest was recorded are compared by revision alone."""
+    from ablate.aggregate import ResultError, check_provenance
+
+    provenance = {"model_revision": "abc", "task_versions": {}, "num_fewshot": None,
+                  "limit": 4, "dtype": "float32", "packages": {}}  # fmt: skip
+    base = {"provenance": provenance | {"model_files": "1111"}}
+    unit = {"provenance": provenance | {"model_files": "2222"}}
+    with pytest.raises(ResultError) as refused:
+        check_provenance(tmp_path / "unit.json", unit, tmp_path / "base.json", base)
+    assert "provenance model_files = '2222' differs from" in str(refused.value)
+    check_provenance(tmp_path / "unit.json", base, tmp_path / "base.json", base)
+    check_provenance(
+        tmp_path / "unit.json", unit, tmp_path / "base.json", {"provenance": provenance}
+    )

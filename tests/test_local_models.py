@@ -5,6 +5,7 @@ refused in one line before any evaluation job."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pandas as pd
@@ -122,3 +123,38 @@ def test_a_kind_whose_invariant_fails_is_refused_before_any_job(tmp_path, embedd
     dry = snakemake(tmp_path, "bloom_fig", "-n")
     assert dry.returncode != 0
     assert f"config error: {line}" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+
+
+def test_an_edited_checkpoint_replans_its_evaluations_and_never_meets_an_old_baseline(
+    tmp_path, embedded_dir
+):
+    """One tensor of a local checkpoint edited in place (same file size): the dry run plans its
+    download and evaluations again, and a unit computed from the new weights is refused beside
+    a baseline computed from the old ones."""
+    from safetensors.torch import load_file, save_file
+
+    from ablate.aggregate import ResultError, check_provenance
+
+    config = bloom_config(tmp_path, embedded_dir, "layer")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert snakemake(tmp_path, "bloom_fig").returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, "bloom_fig", "-n").stdout
+    weights = tmp_path / "checkpoints" / "bloom" / "model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("mlp.dense_4h_to_h.weight"))
+    tensors[name] = tensors[name] * -1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    dry = snakemake(tmp_path, "bloom_fig", "-n")
+    planned = dry.stdout + dry.stderr
+    assert "download_model" in planned and "evaluate_bloom_kv" in planned, planned[-2000:]
+    # A unit of the new weights beside the old baseline (as a run cut short would leave them).
+    unit = tmp_path / "results/evaluate/bloom/kv/layer1/results.json"
+    base = tmp_path / "results/evaluate/bloom/kv/base/results.json"
+    old_base = json.loads(base.read_text())
+    assert snakemake(tmp_path, "bloom_fig").returncode == 0
+    new_unit = json.loads(unit.read_text())
+    assert new_unit["provenance"]["model_files"] != old_base["provenance"]["model_files"]
+    with pytest.raises(ResultError, match="provenance model_(revision|files) = .* differs from"):
+        check_provenance(unit, new_unit, base, old_base)

@@ -103,9 +103,16 @@ def per_document(record: dict[str, Any], metric: str, path: Path) -> pd.Series:
     return pd.Series(values)
 
 
+# Recorded since results carry it: compared where both sides have it.
+RECORDED_LATER = ("model_files",)
+
+
 def check_provenance(path: Path, record: dict, base_path: Path, base: dict) -> None:
-    for key in PROVENANCE_KEYS:
-        if record["provenance"].get(key) != base["provenance"].get(key):
+    for key in (*PROVENANCE_KEYS, *RECORDED_LATER):
+        mine, theirs = record["provenance"].get(key), base["provenance"].get(key)
+        if key in RECORDED_LATER and None in (mine, theirs):
+            continue
+        if mine != theirs:
             raise ResultError(
                 f"{path}: provenance {key} = {record['provenance'].get(key)!r} differs from "
                 f"{base_path} ({base['provenance'].get(key)!r}); recompute one of them, or set "

@@ -75,6 +75,18 @@ def check_thinking_switch(model_id: str, spec: dict[str, Any], checkpoint: Path)
         )
 
 
+def local_checkpoint_files(spec: dict[str, Any]) -> list[str]:
+    """A ``source: local`` model's config and weight files (none for other sources): the
+    download's inputs, so an edited checkpoint reruns its download and, through its record,
+    every evaluation of the model (a dry run lists them, "updated input files")."""
+    if spec["source"] != "local":
+        return []
+    folder = Path(spec["path"])
+    return sorted(
+        str(f) for pattern in ("config.json", "*.safetensors") for f in folder.glob(pattern)
+    )
+
+
 def link_local_checkpoint(model_id: str, folder: Path, out_dir: Path) -> dict[str, str]:
     """Link a checkpoint folder's files into ``out_dir`` (symbolic links: an 8B model is not
     copied); the commit recorded is a digest of their names, sizes and times."""

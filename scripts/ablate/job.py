@@ -70,6 +70,13 @@ class Job:
         record = self.model_dir / DOWNLOAD_RECORD
         return json.loads(record.read_text()).get("commit") if record.exists() else None
 
+    @property
+    def model_files(self) -> str:
+        """A digest of the checkpoint's files (names, sizes, modification times): the weights
+        a result was computed from, which its baseline's must equal (ablate.aggregate)."""
+        text = json.dumps(files_fingerprint(self.model_dir))
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
     def request_cache(self, ablation: Ablation) -> str | None:
         """lm-eval ``use_cache`` prefix: a resubmitted job replays what it already computed."""
         if self.cache_dir is None:

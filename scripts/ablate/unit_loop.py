@@ -243,6 +243,7 @@ def provenance(
     return {
         "model": job.model.get("repo_id", "embedded"),
         "model_revision": job.model_revision,
+        "model_files": job.model_files,
         "ablation": ablation.id,
         "task": job.task["lm_eval_task"],
         "task_versions": output.get("versions", {}),

@@ -22,6 +22,7 @@ from ablate.config import (
     validate_config,
 )
 from ablate.cost import TaskCost, chunk_seconds, prior_rates
+from ablate.download import local_checkpoint_files
 from ablate.job import evaluated_model
 from ablate.paths import (
     BENCHMARK,
@@ -157,6 +158,10 @@ def canonical(value):
 
 def get_model_spec(wildcards):
     return canonical(evaluated_model(config["models"][wildcards.model]))
+
+
+def get_model_files(wildcards):
+    return local_checkpoint_files(config["models"][wildcards.model])
 
 
 def get_task_spec(wildcards):

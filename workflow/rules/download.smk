@@ -1,4 +1,6 @@
 rule download_model:
+    input:
+        get_model_files,
     output:
         marker=MODEL_RECORD,
     log:
