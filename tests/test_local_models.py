@@ -156,5 +156,5 @@ def test_an_edited_checkpoint_replans_its_evaluations_and_never_meets_an_old_bas
     assert snakemake(tmp_path, "bloom_fig").returncode == 0
     new_unit = json.loads(unit.read_text())
     assert new_unit["provenance"]["model_files"] != old_base["provenance"]["model_files"]
-    with pytest.raises(ResultError, match="provenance model_(revision|files) = .* differs from"):
+    with pytest.raises(ResultError, match=r"provenance model_(revision|files) = .* differs from"):
         check_provenance(unit, new_unit, base, old_base)
