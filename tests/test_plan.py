@@ -140,7 +140,8 @@ def test_calibrated_on_one_figure_the_planner_predicts_another(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = plan(["prediction"], config, tmp_path)
     assert (row["rate"], row["tokens"], row["jobs"]) == ("calibrated", "counted", 2)
-    counted = json.loads((tmp_path / "resources/tokens/smollm2/mmlu.json").read_text())
+    [counted_file] = (tmp_path / "resources/tokens/smollm2").glob("mmlu-*.json")
+    counted = json.loads(counted_file.read_text())
     assert counted["documents"] == 40 and counted["shared"] == counted["sequences"]  # letters
     result = snakemake(tmp_path, "prediction")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -209,9 +210,8 @@ def test_stand_in_tokens_replace_the_prior(tmp_path):
     config = paper_in(tmp_path)
     [row] = [r for r in plan(["fig6"], config, tmp_path) if r["task"] == "openbookqa_closed"]
     assert row["tokens"] == "stand-in SmolLM2 x1.03 (Llama-3 128k)"
-    counted = json.loads(
-        (tmp_path / "resources/tokens/_stand-in/openbookqa_closed.json").read_text()
-    )
+    [counted_file] = (tmp_path / "resources/tokens/_stand-in").glob("openbookqa_closed-*.json")
+    counted = json.loads(counted_file.read_text())
     assert counted["documents"] == 500 and counted["shared"] < counted["sequences"]
     [prior] = [r for r in plan(["fig6"], config, tmp_path, stand_in=False)
                if r["task"] == "openbookqa_closed"]  # fmt: skip
@@ -248,3 +248,33 @@ def test_dry_run_ends_with_the_planners_gpu_hours(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line == (f"GPU-hour plan: {total_line(total)} (tokens: stand-in; rates: prior)")
     assert "10 evaluation jobs (66 units)" in line
+
+
+def test_configs_sharing_a_task_id_keep_both_counts(tmp_path):
+    """The paper's OpenBookQA (500 documents) and a 16-document one under the same task id:
+    planning one, then the other, then the first again counts each once; neither overwrites
+    the other (before, the demo's count replaced the paper's)."""
+    config = paper_in(tmp_path)
+    task = config["tasks"]["openbookqa_closed"]
+    small = copy.deepcopy(config)
+    small["tasks"]["openbookqa_closed"] = task | {"limit": 16}
+    folder = tmp_path / "resources/tokens/_stand-in"
+
+    def documents() -> list[int]:
+        return sorted(
+            json.loads(p.read_text())["documents"] for p in folder.glob("openbookqa_closed-*")
+        )
+
+    rows = {}
+    for name, cfg in (("paper", config), ("small", small), ("paper again", config)):
+        [rows[name]] = [
+            r for r in plan(["fig6"], cfg, tmp_path) if r["task"] == "openbookqa_closed"
+        ]
+        if name == "small":
+            stamps = {p: p.stat().st_mtime_ns for p in folder.glob("openbookqa_closed-*")}
+    assert documents() == [16, 500]
+    assert {
+        p: p.stat().st_mtime_ns for p in folder.glob("openbookqa_closed-*")
+    } == stamps  # no recount
+    assert rows["paper again"]["gpu_hours"] == rows["paper"]["gpu_hours"]
+    assert rows["small"]["gpu_hours"] < rows["paper"]["gpu_hours"]

@@ -7,11 +7,13 @@ MODEL_DIR = "resources/models/{model}"
 DOWNLOAD_RECORD = "download.json"  # in a model's folder, written last by the download step
 MODEL_RECORD = f"{MODEL_DIR}/{DOWNLOAD_RECORD}"
 TASK_RECORD = "resources/tasks/{task}.json"  # prefetch_task's output
-TOKEN_COUNTS = "resources/tokens/{model}/{task}.json"  # the planner's counts, per (model, task)
+# The planner's counts per (model, task), keyed by what decides them (the task's settings and
+# the tokenizer: ablate.tokens.counts_key), so configs that share a task id keep theirs apart.
+TOKEN_COUNTS = "resources/tokens/{model}/{task}-{key}.json"
 # Where neither the model nor the task is on the planning host: counts of the task's offline
 # twin with the embedded model's tokenizer (ablate.tokens).
 STAND_IN_DIR = "resources/tokens/_stand-in"
-STAND_IN_COUNTS = f"{STAND_IN_DIR}/{{task}}.json"
+STAND_IN_COUNTS = f"{STAND_IN_DIR}/{{task}}-{{key}}.json"
 
 EVALUATIONS = "results/evaluate"
 TASK_DIR = "{model}/{task}"  # under EVALUATIONS: one folder per unit

@@ -51,18 +51,18 @@ from ablate.paths import (
     EVALUATIONS,
     GPU_CHECK,
     MODEL_DIR,
-    STAND_IN_COUNTS,
     TASK_DIR,
     TASK_RECORD,
-    TOKEN_COUNTS,
 )
 from ablate.tokens import (
     TaskTokens,
     count_task_tokens,
     generated_tokens,
+    model_counts_path,
     offline_twin,
     read_task_tokens,
     scaled,
+    stand_in_counts_path,
     stand_in_dir,
     stand_in_scale,
 )
@@ -114,7 +114,7 @@ class TaskCosts:
         the model and the task are here, else (``stand_in``) the offline twin of the task
         counted with SmolLM2's tokenizer and scaled to the model's vocabulary."""
         settings = task_settings(self.config, task_id)
-        cached = self.workdir / TOKEN_COUNTS.format(model=model_id, task=task_id)
+        cached = model_counts_path(self.workdir, model_id, task_id, settings)
         if counts := read_task_tokens(cached, settings):
             return counts, "counted"
         model_dir = self.model_dir(model_id)
@@ -125,7 +125,7 @@ class TaskCosts:
         twin = offline_twin(settings) if self.stand_in else None
         if twin is None:
             return None
-        cached = self.workdir / STAND_IN_COUNTS.format(task=task_id)
+        cached = stand_in_counts_path(self.workdir, task_id, twin)
         if not (counts := read_task_tokens(cached, twin)):
             print(f"counting the tokens of task {task_id} (once) ...", file=sys.stderr)
             try:

