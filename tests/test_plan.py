@@ -19,6 +19,7 @@ from ablate.cost import (
     prior_rates,
 )
 from ablate.plan import plan, planned_chunks, total_line, total_row
+from ablate.request_counter import pair_strings
 from ablate.tokens import TaskTokens, offline_twin, vocabulary
 from conftest import DATA_DIR, REPO, SMOLLM2, snakemake
 
@@ -278,3 +279,27 @@ def test_configs_sharing_a_task_id_keep_both_counts(tmp_path):
     } == stamps  # no recount
     assert rows["paper again"]["gpu_hours"] == rows["paper"]["gpu_hours"]
     assert rows["small"]["gpu_hours"] < rows["paper"]["gpu_hours"]
+
+
+def test_request_strings_are_encoded_in_one_batch_as_lm_eval_encodes_them(embedded_dir):
+    """Every string lm-eval's TemplateLM encodes for a request (trailing spaces moved to the
+    continuation, an empty context) is in the batch encoded first: with the tokenizer gone
+    afterwards, lm-eval's own encoding still finds each one, with the same token ids."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ablate.request_counter import RequestCounter
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    args = [("Question: 2+2? Answer: ", "4"), ("Context", " ends"), ("", "alone"), ("  ", "x")]
+    requests = [SimpleNamespace(args=a) for a in args]
+    reference = RequestCounter(tokenizer, {}, 2048)
+    expected = [reference._encode_pair(*a) if a[0] else None for a in args]
+    counter = RequestCounter(tokenizer, {}, 2048)
+    counter.encode_all([s for a in args for s in pair_strings(*a)])
+    counter.tokenizer = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)  # not callable
+    counter.loglikelihood(requests)
+    assert [scored for scored, e in zip(counter.scored, expected, strict=True) if e] == [
+        (tuple(e[0]), tuple(e[1])) for e in expected if e
+    ]
