@@ -103,9 +103,11 @@ def test_a_layer_swap_the_source_checkpoint_cannot_give_is_refused_before_any_jo
     config = {
         "data_dir": "data",
         "models": {"moe": {"source": "embedded", "num_layers": 3, "num_heads": 4,
-                           "num_kv_heads": 2}},
+                           "num_kv_heads": 2},
+                   "other": {"source": "embedded", "o_proj_noise": 0.5, "num_layers": 3,
+                             "num_heads": 4, "num_kv_heads": 2}},
         "tasks": {"t": {"lm_eval_task": "kv_retrieval_short", "protocol": "loglikelihood"}},
-        "figures": {"f": {"title": "swap", "ablation": {"kind": "layer_swap", "source": "moe"},
+        "figures": {"f": {"title": "swap", "ablation": {"kind": "layer_swap", "source": "other"},
                           "series": [{"label": "s", "model": "moe", "task": "t"}],
                           "panels": [{"metric": "acc"}]}},
     }  # fmt: skip

@@ -392,8 +392,9 @@ class Prover:
             if u.kind not in self.proof.refused or "hook" not in self.proof.refused[u.kind]
         ]
         ids = self.ids.tolist()
-        requests = [(tuple(row[:6]), tuple(row[6:])) for row in ids]
-        requests += [(tuple(row[:6]), tuple(row[6:7])) for row in ids]
+        # Two options per context, all as long, so a unit's plain forward is one batch.
+        requests = [(tuple(row[:6]), tuple(option)) for row in ids
+                    for option in (row[6:], row[6:][::-1])]  # fmt: skip
         try:
             swept = sweep_loglikelihoods(self.model, requests, units, self.source, 4, 64)
         except Exception as error:  # any failure: HFLM scores instead
@@ -416,18 +417,19 @@ class Prover:
 
 
 def plain_loglikelihoods(model, requests, unit: Ablation, anatomy: Anatomy, source) -> list[float]:
-    """Each request scored as its own sequence under ``unit``'s hooks, as lm-eval scores it."""
+    """Each request scored as its own sequence under ``unit``'s hooks, as lm-eval scores it
+    (requests of one length: one batch, no padding)."""
     import torch.nn.functional as F
 
-    scores = []
     device = model.get_input_embeddings().weight.device
+    tokens = torch.tensor([context + continuation for context, continuation in requests])
     with ablated(model, unit, source, anatomy), torch.no_grad():
-        for context, continuation in requests:
-            tokens = torch.tensor([context + continuation], device=device)
-            logits = model(input_ids=tokens, use_cache=False).logits[0, :-1].float()
-            log_probs = F.log_softmax(logits, dim=-1)
-            targets = tokens[0, len(context) :]
-            scores.append(float(log_probs[len(context) - 1 :].gather(1, targets[:, None]).sum()))
+        logits = model(input_ids=tokens.to(device), use_cache=False).logits[:, :-1].float()
+    log_probs = F.log_softmax(logits, dim=-1).cpu()
+    scores = []
+    for row, (context, _) in enumerate(requests):
+        targets = tokens[row, len(context) :]
+        scores.append(float(log_probs[row, len(context) - 1 :].gather(1, targets[:, None]).sum()))
     return scores
 
 
@@ -575,15 +577,29 @@ def prove_config(
 def check_units(
     model, units: Sequence[Ablation], source: Mapping[str, torch.Tensor] | None
 ) -> str | None:
-    """At job start: the invariants of the chunk's ``units`` on the loaded model (hook form),
-    before anything is scored. Raises :class:`Refused` for a failing kind; returns why the sweep
+    """At job start: the invariants of the chunk's units on the loaded model (hook form),
+    before anything is scored, at the first of the chunk's layers of each block structure per
+    kind (the invariants are the structure's; the twin proved them on every structure), and
+    the sweep on those units. Raises :class:`Refused` for a failing kind; returns why the sweep
     is not exact for these units (None: it is)."""
+    anatomy = Anatomy.of(model)
     layers: dict[str, set[int]] = {}
     for unit in units:
         if unit.kind != "base":
             layers.setdefault(unit.kind, set()).update(unit.skipped_layers or [unit.layer])
+    checked = {
+        kind: representative_layers(model, anatomy, sorted(of_kind))
+        for kind, of_kind in layers.items()
+    }
+    firsts: dict[str, Ablation] = {}
+    for unit in units:  # the sweep on one unit per kind, at a checked layer
+        if unit.kind != "base" and set(unit.skipped_layers or [unit.layer]) & set(
+            checked[unit.kind]
+        ):
+            firsts.setdefault(unit.kind, unit)
     kinds = sorted(layers)
-    proof = prove(model, kinds, source, None, layers, ("hook",), [Ablation("base"), *units])
+    sweep_units = [Ablation("base"), *firsts.values()]
+    proof = prove(model, kinds, source, None, checked, ("hook",), sweep_units)
     for kind in kinds:
         proof.check(kind, "hook")
     return next(iter(proof.sweep_off.values()), None)
