@@ -203,28 +203,33 @@ class Prover:
             forms.remove("weight_edit")
         return forms
 
+    def _forms_agree(self, kind: str, unit: Ablation, forms: Sequence[str]) -> None:
+        """Where both forms hold their own invariants, they must give the same logits."""
+        if set(FORMS) <= set(forms) and not self.proof.refused.get(kind):
+            hook, edit = (self.logits(form, [unit]) for form in FORMS)
+            if (worst := _differ(hook, edit, self.tol)) is not None:
+                why = f"invariant 'hook form == weight-edit form' fails at {unit.id}"
+                self.proof.refuse(kind, FORMS, f"{why} (max |Δ logit| {worst:.3g})")
+
     # ----------------------------------------------------------------------- the invariants
+
+    def _identity(self, kind: str, form: str, blocks, units, invariant: str, where: str) -> None:
+        """Under ``units`` in ``form``, the blocks ``blocks`` map their input to itself."""
+
+        def check() -> str | None:
+            applied_units = self.applied(form, units)
+            gap = _identity_gap(self.model, self.anatomy, blocks, applied_units, self.ids)
+            if gap > self.tol:
+                return f"invariant '{invariant}' fails at {where} (max |out - in| {gap:.3g})"
+            return None
+
+        self._try(kind, form, check)
 
     def layer_skips(self, kind: str, units: Sequence[Ablation]) -> None:
         for unit in units:
             for form in self._forms(kind, unit):
-
-                def check(unit=unit, form=form) -> str | None:
-                    gap = _identity_gap(
-                        self.model,
-                        self.anatomy,
-                        unit.skipped_layers,
-                        self.applied(form, [unit]),
-                        self.ids,
-                    )
-                    if gap > self.tol:
-                        return (
-                            f"invariant 'a removed block maps its input to itself' fails "
-                            f"at {unit.id} (max |out - in| {gap:.3g})"
-                        )
-                    return None
-
-                self._try(kind, form, check)
+                invariant = "a removed block maps its input to itself"
+                self._identity(kind, form, unit.skipped_layers, [unit], invariant, unit.id)
 
     def sublayers(self, kind: str, layers: Sequence[int]) -> None:
         for layer in layers:
@@ -232,30 +237,9 @@ class Prover:
             pair = [Ablation(part, layer) for part in SUBLAYERS]
             forms = self._forms(kind, unit)
             for form in forms:
-
-                def check(form=form, pair=pair, layer=layer) -> str | None:
-                    gap = _identity_gap(
-                        self.model, self.anatomy, [layer], self.applied(form, pair), self.ids
-                    )
-                    if gap > self.tol:
-                        return (
-                            f"invariant 'attn and mlp removed == the block removed' fails at "
-                            f"layer {layer} (max |out - in| {gap:.3g})"
-                        )
-                    return None
-
-                self._try(kind, form, check)
-            if set(FORMS) <= set(forms) and not self.proof.refused.get(kind):
-                worst = _differ(
-                    self.logits("hook", [unit]), self.logits("weight_edit", [unit]), self.tol
-                )
-                if worst is not None:
-                    self.proof.refuse(
-                        kind,
-                        FORMS,
-                        f"invariant 'hook form == weight-edit form' "
-                        f"fails at {unit.id} (max |Δ logit| {worst:.3g})",
-                    )
+                invariant = "attn and mlp removed == the block removed"
+                self._identity(kind, form, [layer], pair, invariant, f"layer {layer}")
+            self._forms_agree(kind, unit, forms)
 
     def heads(self, kind: str, layers: Sequence[int]) -> None:
         arch = self.anatomy.arch
@@ -369,17 +353,7 @@ class Prover:
                     return None
 
                 self._try(kind, form, check)
-            if set(FORMS) <= set(forms) and not self.proof.refused.get(kind):
-                worst = _differ(
-                    self.logits("hook", [unit]), self.logits("weight_edit", [unit]), self.tol
-                )
-                if worst is not None:
-                    self.proof.refuse(
-                        kind,
-                        FORMS,
-                        f"invariant 'hook form == weight-edit form' "
-                        f"fails at {unit.id} (max |Δ logit| {worst:.3g})",
-                    )
+            self._forms_agree(kind, unit, forms)
 
     def sweep(self, units: Sequence[Ablation]) -> None:
         """The sweep's log-likelihoods == one plain forward per unit under its hooks; a kind
