@@ -314,7 +314,7 @@ def test_a_source_whose_tensors_have_other_shapes_is_refused_from_the_config_fil
     files tell, before any job (before, the job failed on the first swapped tensor)."""
     import transformers
 
-    from ablate.config.checks import check_source_shapes
+    from ablate.config.checks import block_shapes, check_source_shapes
 
     config = broken(lambda c: None)
     folders = {"smollm2": tmp_path / "a", "smollm2_noisy_oproj": tmp_path / "b"}
@@ -324,12 +324,12 @@ def test_a_source_whose_tensors_have_other_shapes_is_refused_from_the_config_fil
     transformers.LlamaConfig(**tiny, intermediate_size=96).save_pretrained(
         folders["smollm2_noisy_oproj"]
     )
-    check_source_shapes(config, folders)
+    check_source_shapes(config, {model: block_shapes(f) for model, f in folders.items()})
     transformers.LlamaConfig(**tiny, intermediate_size=128).save_pretrained(
         folders["smollm2_noisy_oproj"]
     )
     with pytest.raises(ConfigError) as refused:
-        check_source_shapes(config, folders)
+        check_source_shapes(config, {model: block_shapes(f) for model, f in folders.items()})
     # fig19's o_proj series passes (its o_proj shapes are equal); its whole-layer one is refused
     assert str(refused.value).startswith("figures.fig19.panels[0].series.SmolLM2 ← stand-in whole")
     assert str(refused.value).endswith(

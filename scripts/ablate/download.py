@@ -15,7 +15,7 @@ from typing import Any
 
 from ablate.backends import PROTOCOL_OUTPUT_TYPES
 from ablate.config import ConfigError, check_proof, check_task_metrics
-from ablate.config.checks import check_source_shapes
+from ablate.config.checks import block_shapes, check_source_shapes
 from ablate.config.tasks import yaml_errors
 from ablate.io import write_atomically
 from ablate.paths import DOWNLOAD_RECORD
@@ -159,11 +159,14 @@ def download_model(
             raise ConfigError(hub_error(model_id, spec, error)) from None
         record = {"repo_id": spec["repo_id"], "revision": spec.get("revision"), "commit": commit}
     proof = record["proof"] = check_architecture(model_id, spec, out_dir)
+    record["block_shapes"] = block_shapes(out_dir)
     if config is not None:
         check_proof(config, model_id, proof)
-        downloaded = {m: out_dir.parent / m for m in config["models"]
-                      if (out_dir.parent / m / DOWNLOAD_RECORD).exists()}  # fmt: skip
-        check_source_shapes(config, downloaded | {model_id: out_dir})
+        others = (out_dir.parent / other / DOWNLOAD_RECORD for other in config["models"])
+        shapes = {p.parent.name: json.loads(p.read_text()).get("block_shapes") for p in others
+                  if p.exists()}  # fmt: skip
+        shapes[model_id] = record["block_shapes"]
+        check_source_shapes(config, {m: s for m, s in shapes.items() if s})
     if sweep_off := proof["sweep_off"].get("layer") or proof["sweep_off"].get("base"):
         record["sweep_off"] = sweep_off
         log.warning(

@@ -221,50 +221,48 @@ def check_proof(config: dict[str, Any], model_id: str, proof: dict[str, Any]) ->
 
 def check_model_proofs(config: dict[str, Any], root: Path = Path()) -> None:
     """:func:`check_proof` for every model whose download recorded a proof under ``root``, and
-    :func:`check_source_shapes` for the downloaded ones (before any job; a model not yet
-    downloaded is checked by its download)."""
-    folders = {}
+    :func:`check_source_shapes` with the shapes the downloads recorded (before any job; a model
+    not yet downloaded is checked by its download)."""
+    shapes = {}
     for model_id in config["models"]:
         marker = root / MODEL_RECORD.format(model=model_id)
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        folders[model_id] = marker.parent
+        if "block_shapes" in record:
+            shapes[model_id] = record["block_shapes"]
         if "proof" in record:
             check_proof(config, model_id, record["proof"])
-    check_source_shapes(config, folders)
+    check_source_shapes(config, shapes)
 
 
-def check_source_shapes(config: dict[str, Any], folders: dict[str, Path]) -> None:
+def check_source_shapes(config: dict[str, Any], shapes: dict[str, dict[str, Any]]) -> None:
     """A source model must store each tensor a swap takes in the model's shape (o_proj's, or
-    every block tensor's for a whole-layer swap): compared from both checkpoints' config.json
-    (models built on the meta device, no weights), for each series whose model and source
-    ``folders`` has (model id -> checkpoint folder)."""
-    shapes: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {}
+    every block tensor's for a whole-layer swap), for each series whose model and source have
+    ``shapes`` (model id -> :func:`block_shapes` of its checkpoint, as its download recorded)."""
     for figure_id, figure in config["figures"].items():
         for index, _, series in panel_series(figure):
             ablation = series_ablation(figure, series)
             model_id, source_id = series["model"], ablation.get("source")
-            if ablation["kind"] not in SOURCE_KINDS or not {model_id, source_id} <= set(folders):
+            if ablation["kind"] not in SOURCE_KINDS or not {model_id, source_id} <= set(shapes):
                 continue
-            for id_ in (model_id, source_id):
-                shapes.setdefault(id_, _block_shapes(folders[id_]))
-            (model, attention_out), (source, _) = shapes[model_id], shapes[source_id]
+            model, source = shapes[model_id]["tensors"], shapes[source_id]["tensors"]
             whole = ablation["kind"] in LAYER_SWAP_KINDS
-            taken = [n for n in model if whole or n.endswith(f".{attention_out}.weight")]
+            out = f".{shapes[model_id]['attention_out']}.weight"
+            taken = [name for name in model if whole or name.endswith(out)]
             if differ := [name for name in taken if source.get(name) != model[name]]:
                 key = f"figures.{figure_id}.panels[{index}].series.{series['label']}.ablation"
                 raise ConfigError(
                     f"{key}.source: {source_id} stores {differ[0]} as "
-                    f"{list(source.get(differ[0], ()))}, model {model_id} as "
-                    f"{list(model[differ[0]])} (a swap needs equal tensor shapes)"
+                    f"{source.get(differ[0], [])}, model {model_id} as {model[differ[0]]} (a "
+                    "swap needs equal tensor shapes)"
                 )
 
 
-def _block_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], str]:
-    """Every decoder block parameter's shape of the checkpoint in ``folder`` (from its config
-    alone), and the name of a block's attention output projection."""
+def block_shapes(folder: Path) -> dict[str, Any]:
+    """Every decoder block tensor's shape of the checkpoint in ``folder`` (from its config.json
+    alone: a model built on the meta device) and a block's attention output projection."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,9 +271,9 @@ def _block_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     anatomy = Anatomy.of(model)
-    shapes = {
-        name: tuple(parameter.shape)
+    tensors = {
+        name: list(parameter.shape)
         for name, parameter in model.named_parameters()
         if name.startswith(f"{anatomy.layers}.")
     }
-    return shapes, anatomy.attention_out
+    return {"tensors": tensors, "attention_out": anatomy.attention_out}
