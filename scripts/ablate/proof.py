@@ -81,10 +81,6 @@ class Proof:
     def as_record(self) -> dict:
         return {"model_type": self.model_type, "refused": self.refused, "sweep_off": self.sweep_off}
 
-    @classmethod
-    def from_record(cls, record: dict) -> Proof:
-        return cls(record["model_type"], record["refused"], record["sweep_off"])
-
 
 def tolerance(model) -> tuple[float, float]:
     """How far two forms of one ablation may differ: in a logit (per unit of the logits'
